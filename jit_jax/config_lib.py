@@ -1,0 +1,684 @@
+"""The configuration layer: every field with its default, one validation pass, and small derived values.
+
+Configs are ml_collections ConfigDicts built in Python (big_vision / flax-examples style):
+
+* `base()` holds every field of the project with the official JiT default and a comment. It is returned
+  locked, so an experiment file that misspells a field fails at once instead of adding a new one.
+* `configs/<name>.py` files call `base()` (or `paper_imagenet()`, itself built on `base()`) and override
+  only what differs. Their `get_config(arg)` passes `arg` to `apply_overrides`, so
+  `--config configs/default.py:patch=8,bottleneck=16` works, and `launch/sweep.py` builds grids from it.
+* `--config.optim.blr=1e-4` style flags (ml_collections.config_flags) override single fields. Types are
+  fixed by the defaults (a float field stays a float), and fields whose default is "take it from the
+  preset" are typed placeholders for the same reason.
+* `validate(config)` checks everything once at startup and raises ValueError naming the field.
+
+Step counts are the canonical unit (`*_steps`); epochs exist only as a conversion
+(`steps_per_epoch`, `epochs_to_steps`, and the `epochs=` / `warmup_epochs=` override keys), because the
+data pipeline, checkpoints and schedules all count optimizer steps, and an epoch depends on the batch.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ml_collections import config_dict
+
+# ImageNet-1k train split (ILSVRC-2012), the size the official epoch counts refer to.
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+PREDICTION_SPACES = ('x', 'eps', 'v')
+SAMPLER_METHODS = ('heun', 'euler')
+SAMPLER_WEIGHTS = ('ema1', 'ema2', 'model')
+DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_IMPLS = ('', 'xla', 'cudnn')
+REMAT_POLICIES = ('none', 'block', 'dots')
+DATA_SOURCES = ('synthetic', 'tfds', 'arrayrecord')
+LR_SCHEDULES = ('constant', 'cosine')
+PARAM_SHARDINGS = ('replicate', 'fsdp')
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Architecture fields of config.model that map 1:1 onto jit_jax.model.JiTConfig and default to None
+# ("take it from the preset"). dtype & co. are not here: they always have a concrete value.
+ARCH_FIELDS = ('patch_size', 'hidden_size', 'depth', 'num_heads', 'mlp_ratio', 'bottleneck_dim',
+               'in_context_len', 'in_context_start', 'attn_drop', 'proj_drop')
+
+# Short names accepted by apply_overrides / launch/sweep.py. Any dotted field path works as well.
+ALIASES: dict[str, str] = {
+    'preset': 'model.preset',
+    'model': 'model.preset',
+    'patch': 'model.patch_size',
+    'bottleneck': 'model.bottleneck_dim',
+    'hidden': 'model.hidden_size',
+    'depth': 'model.depth',
+    'heads': 'model.num_heads',
+    'ctx_len': 'model.in_context_len',
+    'ctx_start': 'model.in_context_start',
+    'proj_drop': 'model.proj_drop',
+    'attn_drop': 'model.attn_drop',
+    'dtype': 'model.dtype',
+    'remat': 'model.remat',
+    'pred': 'diffusion.pred',
+    'loss': 'diffusion.loss',
+    'p_mean': 'diffusion.p_mean',
+    'p_std': 'diffusion.p_std',
+    't_eps': 'diffusion.t_eps',
+    'noise_scale': 'diffusion.noise_scale',
+    'label_drop': 'diffusion.label_drop_prob',
+    'method': 'sampler.method',
+    'sampling_steps': 'sampler.num_steps',
+    'cfg': 'sampler.cfg_scale',
+    'interval_min': 'sampler.interval_min',
+    'interval_max': 'sampler.interval_max',
+    'source': 'data.source',
+    'img_size': 'data.image_size',
+    'batch': 'data.global_batch_size',
+    'blr': 'optim.blr',
+    'lr': 'optim.lr',
+    'wd': 'optim.weight_decay',
+    'warmup': 'optim.warmup_steps',
+    'ema': 'optim.ema_decays',
+    'accum': 'optim.grad_accum_steps',
+    'steps': 'train.num_steps',
+    'seed': 'seed',
+}
+# Keys converted from epochs to steps with steps_per_epoch(), after all other keys of the same string
+# (so `batch=512,epochs=200` uses the new batch).
+EPOCH_KEYS: dict[str, str] = {'epochs': 'train.num_steps', 'warmup_epochs': 'optim.warmup_steps'}
+
+
+def base() -> config_dict.ConfigDict:
+    """Every field of the project, with the official JiT default (JiT-B/16, ImageNet 256 px).
+
+    The defaults mirror main_jit.py's argparse defaults where it has them (200 epochs, blr 5e-5, EMA
+    0.9999/0.9996, heun 50 steps, ...), with the batch the paper uses (1024 = 128 per GPU x 8) and the
+    CFG values the README uses for B/16 (scale 3.0 on the interval [0.1, 1]). Returned locked.
+    """
+    config = config_dict.ConfigDict()
+
+    config.seed = 0  # model init, noise and label-drop streams; the official code adds the rank
+
+    # ---- model: a preset name plus optional per-field replacements (jit_jax.model.JiTConfig)
+    config.model = model = config_dict.ConfigDict()
+    model.preset = 'JiT-B/16'  # key of jit_jax.model.PRESETS; '' = no preset, set every field below
+    # None = take from the preset. Placeholders keep the type for --config.model.x= overrides.
+    model.patch_size = config_dict.placeholder(int)  # pixels per patch side (16 at 256 px: 256 tokens)
+    model.hidden_size = config_dict.placeholder(int)  # transformer width d
+    model.depth = config_dict.placeholder(int)  # number of blocks
+    model.num_heads = config_dict.placeholder(int)  # d / heads must be a multiple of 4 (2-D RoPE)
+    model.mlp_ratio = config_dict.placeholder(float)  # SwiGLU width = int(int(d * ratio) * 2 / 3)
+    # Patch -> bottleneck -> d, a low-rank patch embedding (128 for B/L, 256 for H/G; paper Fig. 4).
+    # 0 = full rank: bottleneck = patch_size**2 * in_channels, i.e. no compression.
+    model.bottleneck_dim = config_dict.placeholder(int)
+    model.in_context_len = config_dict.placeholder(int)  # class tokens prepended in-context (32; 0 = none)
+    model.in_context_start = config_dict.placeholder(int)  # block where they join (B 4, L 8, H/G 10)
+    model.attn_drop = config_dict.placeholder(float)  # attention-probability dropout (0 in all runs)
+    model.proj_drop = config_dict.placeholder(float)  # projection dropout, middle half of the blocks only
+    model.in_channels = 3  # RGB; not preset-dependent, so a plain int
+    model.dtype = 'bfloat16'  # compute dtype of matmuls; the official run uses bf16 autocast
+    model.param_dtype = 'float32'  # master weights; the official run keeps fp32 parameters
+    model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (= JAX picks), 'xla', 'cudnn'
+    model.scan_blocks = False  # lax.scan over stacked blocks: compile time independent of depth
+    model.remat = 'none'  # activation checkpointing per block: 'none' | 'block' | 'dots'
+
+    # ---- diffusion: the training objective (jit_jax.diffusion.FlowSpec); t = 1 is clean data
+    config.diffusion = diffusion = config_dict.ConfigDict()
+    diffusion.pred = 'x'  # space of the network output: 'x' | 'eps' | 'v' (the paper's point: x)
+    diffusion.loss = 'v'  # space of the squared error: 'x' | 'eps' | 'v' (x-pred + v-loss, issue #3)
+    diffusion.p_mean = -0.8  # logit-normal t: t = sigmoid(N(p_mean, p_std^2)); official --P_mean
+    diffusion.p_std = 0.8  # official --P_std
+    diffusion.t_eps = 0.05  # every division by 1 - t uses max(1 - t, t_eps)
+    diffusion.noise_scale = 1.0  # e = noise_scale * N(0, I); image_size / 256 in the paper
+    diffusion.label_drop_prob = 0.1  # label -> null class with this probability (trains CFG)
+
+    # ---- sampler: the ODE solver used for sample grids and evaluation (jit_jax.sampling)
+    config.sampler = sampler = config_dict.ConfigDict()
+    sampler.method = 'heun'  # 'heun' (last step Euler) | 'euler'
+    sampler.num_steps = 50  # uniform t grid from 0 to 1; heun 50 = 99 guided evaluations
+    sampler.cfg_scale = 3.0  # classifier-free guidance weight; 1.0 = off. B/16 value from the README
+    sampler.interval_min = 0.1  # CFG only where interval_min < t < interval_max (strict)
+    sampler.interval_max = 1.0  # argparse default is [0, 1]; every README run uses [0.1, 1]
+    sampler.ema = 'ema1'  # weights to sample with: 'ema1' | 'ema2' | 'model' (official: ema1)
+    sampler.num_images = 16  # images in the periodic training sample grid
+
+    # ---- data
+    config.data = data = config_dict.ConfigDict()
+    data.source = 'tfds'  # 'synthetic' (procedural, offline) | 'tfds' | 'arrayrecord'
+    data.name = 'imagenet2012'  # TFDS builder name (source='tfds')
+    data.split = 'train'  # split to train on
+    data.data_dir = ''  # TFDS data dir, or the ArrayRecord folder (source='arrayrecord'); '' = default
+    data.manual_dir = ''  # where the ImageNet tars are (TFDS manual download); '' = TFDS default
+    data.image_size = 256  # training resolution; also the model's input_size
+    data.num_classes = 1000  # also the model's num_classes; the null (CFG) class id is this number
+    # Size of one epoch, used only to convert epochs to steps; also the length of the synthetic set.
+    data.num_train_examples = IMAGENET_TRAIN_EXAMPLES
+    data.global_batch_size = 1024  # over all hosts and devices (official: 128 per GPU x 8 GPUs)
+    data.random_flip = True  # horizontal flip, the only augmentation of the official pipeline
+    data.num_workers = 12  # Grain worker processes per host (official DataLoader: 12); 0 = in-process
+    data.shuffle_seed = 0  # Grain's shuffle seed, separate from config.seed
+    data.cache_size = 0  # decoded examples each host keeps in memory (0 = no cache)
+
+    # ---- optim: AdamW with linear warmup, then constant (util/lr_sched.py)
+    config.optim = optim = config_dict.ConfigDict()
+    optim.blr = 5e-5  # base lr: lr = blr * global_batch_size / 256 (2e-4 at batch 1024)
+    optim.lr = 0.0  # absolute lr; > 0 overrides blr (official --lr)
+    optim.b1 = 0.9
+    optim.b2 = 0.95  # official betas (0.9, 0.95)
+    optim.eps = 1e-8  # torch AdamW and optax share this default; spelled out so a port never drifts
+    optim.weight_decay = 0.0  # official 0.0 (so its no-decay param groups change nothing)
+    optim.warmup_steps = epochs_to_steps(config, 5)  # official 5 epochs = 6255 steps at batch 1024
+    optim.schedule = 'constant'  # after warmup: 'constant' (official) | 'cosine' (to min_lr)
+    optim.min_lr = 0.0  # end of the cosine schedule (official --min_lr)
+    optim.grad_clip = 0.0  # global-norm clip; 0 = off (official: none)
+    optim.grad_accum_steps = 1  # micro-batches per optimizer step; global_batch_size is per step
+    optim.ema_decays = (0.9999, 0.9996)  # ema1, ema2; per optimizer step, no warmup / bias correction
+
+    # ---- train: loop lengths and periods, all in optimizer steps (0 = never, where allowed)
+    config.train = train = config_dict.ConfigDict()
+    train.num_steps = epochs_to_steps(config, 200)  # official default 200 epochs (ablations)
+    train.log_every_steps = 100  # official --log_freq 100
+    train.ckpt_every_steps = epochs_to_steps(config, 1)  # official saves every 5 epochs; this is cheaper
+    train.keep_checkpoints = 2  # most recent checkpoints kept
+    train.keep_every_steps = epochs_to_steps(config, 100)  # also keep these forever (official: 100 ep)
+    train.sample_every_steps = epochs_to_steps(config, 5)  # write a sample grid; 0 = never
+
+    # ---- mesh: device mesh axes (jit_jax.sharding); one axis may be -1 = all remaining devices
+    config.mesh = mesh = config_dict.ConfigDict()
+    mesh.data = -1  # pure data parallelism (batch split, params replicated across it)
+    mesh.fsdp = 1  # batch split *and* params split across it (ZeRO-3 style)
+    mesh.tensor = 1  # model (tensor) parallelism on heads / MLP width; JiT sizes rarely need it
+    mesh.param_sharding = 'replicate'  # 'replicate' | 'fsdp' (shard params over the fsdp axis)
+
+    # ---- eval: FID / IS over generated images (jit_jax.evaluation)
+    config.eval = evaluation = config_dict.ConfigDict()
+    evaluation.every_steps = 0  # 0 = no online eval (official default; when on: every 40 epochs)
+    evaluation.num_images = 50_000  # FID-50K, 50 per class in class order
+    evaluation.batch_size = 1024  # global generation batch (official --gen_bsz 256 per GPU)
+    evaluation.ref_stats = ''  # npz with reference mu / sigma (official fid_stats/jit_in256_stats.npz)
+    evaluation.inception_npz = ''  # Inception weights converted to npz (no download at run time)
+
+    config.lock()
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Derived values
+
+
+def steps_per_epoch(config: config_dict.ConfigDict) -> int:
+    """Optimizer steps in one pass over the data, dropping the last partial batch (the official drop_last)."""
+    steps = config.data.num_train_examples // config.data.global_batch_size
+    if steps < 1:
+        raise ValueError(f'config.data.num_train_examples={config.data.num_train_examples} is smaller than '
+                         f'config.data.global_batch_size={config.data.global_batch_size}: an epoch has no step')
+    return steps
+
+
+def epochs_to_steps(config: config_dict.ConfigDict, epochs: float) -> int:
+    """Round `epochs` to whole optimizer steps at the config's batch size (1251 steps per ImageNet epoch)."""
+    return int(round(epochs * steps_per_epoch(config)))
+
+
+def lr(config: config_dict.ConfigDict) -> float:
+    """Peak learning rate: the official linear scaling rule unless an absolute optim.lr is given."""
+    if config.optim.lr > 0:
+        return float(config.optim.lr)
+    return config.optim.blr * config.data.global_batch_size / 256
+
+
+def resolve_mesh(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with the -1 axis filled in, e.g. {'data': 8, 'fsdp': 1, 'tensor': 1}."""
+    sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+    auto = [axis for axis, size in sizes.items() if size == -1]
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if len(auto) > 1:
+        raise ValueError(f'config.mesh: at most one axis may be -1, got {auto}')
+    if any(size < 1 and size != -1 for size in sizes.values()):
+        raise ValueError(f'config.mesh: axis sizes must be >= 1 or -1, got {sizes}')
+    if auto:
+        if num_devices % fixed:
+            raise ValueError(f'config.mesh: {num_devices} devices are not divisible by the fixed axes {sizes}')
+        sizes[auto[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f'config.mesh: axes {sizes} multiply to {fixed}, but there are {num_devices} devices')
+    return sizes
+
+
+def model_config(config: config_dict.ConfigDict) -> Any:
+    """The jit_jax.model.JiTConfig this config describes.
+
+    Starts from the preset (or from the explicit fields when model.preset == ''), replaces every
+    architecture field that is set in config.model, and takes input_size / num_classes from config.data
+    so the image and label sizes are stated exactly once.
+    """
+    from jit_jax import model as model_lib  # deferred: importing the model pulls in JAX and Flax
+
+    return model_lib.JiTConfig(**_model_fields(config))
+
+
+def _model_fields(config: config_dict.ConfigDict) -> dict[str, Any]:
+    """JiTConfig keyword arguments after preset + overrides, without constructing (so checks can name fields)."""
+    from jit_jax import model as model_lib
+
+    m = config.model
+    if m.preset:
+        if m.preset not in model_lib.PRESETS:
+            raise ValueError(f'config.model.preset={m.preset!r}: expected one of {sorted(model_lib.PRESETS)} '
+                             "or '' (no preset, every architecture field set)")
+        fields = dataclasses.asdict(model_lib.preset(m.preset))
+    else:
+        missing = [f'config.model.{name}' for name in ARCH_FIELDS if m[name] is None]
+        if missing:
+            raise ValueError(f"config.model.preset='' needs every architecture field; unset: {', '.join(missing)}")
+        fields = {}
+    for name in ARCH_FIELDS:
+        if m[name] is not None:
+            fields[name] = m[name]
+    fields.update(
+        input_size=config.data.image_size,
+        num_classes=config.data.num_classes,
+        in_channels=m.in_channels,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention_impl=m.attention_impl or None,
+        scan_blocks=m.scan_blocks,
+        remat=m.remat,
+    )
+    if fields['bottleneck_dim'] == 0:  # 'full': as wide as a patch, i.e. no rank reduction
+        fields['bottleneck_dim'] = fields['patch_size'] ** 2 * fields['in_channels']
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paper runs
+
+
+def paper_imagenet(preset: str, image_size: int, *, cfg_scale: float, proj_drop: float,
+                   epochs: float = 600, fsdp: bool = False) -> config_dict.ConfigDict:
+    """The official ImageNet recipe (REFERENCE.md sections 2-4) for one model; configs/jit_*.py call this.
+
+    Shared by every paper run: batch 1024, blr 5e-5 (lr 2e-4), 5 warmup epochs then constant, AdamW
+    (0.9, 0.95) without weight decay, EMA 0.9999 / 0.9996, logit-normal t (-0.8, 0.8), label drop 0.1,
+    heun 50 steps with CFG on [0.1, 1], bf16 compute with fp32 parameters, and noise_scale =
+    image_size / 256 (1 and 2 confirmed by the README; 4 at 1024 px is the paper's rule, unconfirmed).
+    What differs per model (cfg_scale, proj_drop, parameter sharding) is an argument, so each config file
+    states it next to its source. epochs: 600 for the final models, 200 for the paper's ablations
+    (`--config configs/jit_b16_in256.py:epochs=200`).
+    """
+    config = base()
+    config.model.preset = preset
+    config.model.proj_drop = proj_drop
+    config.model.attn_drop = 0.0
+    config.model.dtype = 'bfloat16'
+    config.model.param_dtype = 'float32'
+
+    config.data.source = 'tfds'
+    config.data.name = 'imagenet2012'
+    config.data.image_size = image_size
+    config.data.num_classes = 1000
+    config.data.num_train_examples = IMAGENET_TRAIN_EXAMPLES
+    config.data.global_batch_size = 1024
+
+    config.diffusion.pred = 'x'
+    config.diffusion.loss = 'v'
+    config.diffusion.p_mean = -0.8
+    config.diffusion.p_std = 0.8
+    config.diffusion.noise_scale = image_size / 256
+    config.diffusion.label_drop_prob = 0.1
+
+    config.sampler.method = 'heun'
+    config.sampler.num_steps = 50
+    config.sampler.cfg_scale = cfg_scale
+    config.sampler.interval_min = 0.1
+    config.sampler.interval_max = 1.0
+
+    config.optim.blr = 5e-5
+    config.optim.lr = 0.0
+    config.optim.b1, config.optim.b2 = 0.9, 0.95
+    config.optim.weight_decay = 0.0
+    config.optim.schedule = 'constant'
+    config.optim.ema_decays = (0.9999, 0.9996)
+    config.optim.warmup_steps = epochs_to_steps(config, 5)
+    config.train.num_steps = epochs_to_steps(config, epochs)
+
+    if fsdp:  # H and G: shard parameters and optimizer state over all devices (ZeRO-3 style)
+        config.mesh.data = 1
+        config.mesh.fsdp = -1
+        config.mesh.param_sharding = 'fsdp'
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Overrides: "patch=8,bottleneck=16" strings from `--config file.py:<arg>` and launch/sweep.py
+
+
+def split_top_level(text: str, sep: str = ',') -> list[str]:
+    """Split on `sep` outside brackets, so tuple values like `ema=(0.999,0.9995)` survive."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in '([{':
+            depth += 1
+        elif char in ')]}':
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f'unbalanced brackets in {text!r}')
+        if char == sep and depth == 0:
+            parts.append(''.join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ValueError(f'unbalanced brackets in {text!r}')
+    parts.append(''.join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def parse_overrides(arg: str | None) -> list[tuple[str, str]]:
+    """'a=1,b=(2,3)' -> [('a', '1'), ('b', '(2,3)')], rejecting items without '=' and repeated keys."""
+    pairs: list[tuple[str, str]] = []
+    for item in split_top_level(arg or ''):
+        key, eq, value = item.partition('=')
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f'override {item!r} in {arg!r}: expected key=value')
+        if key in (k for k, _ in pairs):
+            raise ValueError(f'override key {key!r} given twice in {arg!r}')
+        pairs.append((key, value.strip()))
+    return pairs
+
+
+def resolve_key(config: config_dict.ConfigDict, key: str,
+                aliases: Mapping[str, str] = ALIASES) -> str:
+    """Alias or dotted path -> dotted path of an existing field; unknown keys name themselves and the options."""
+    path = aliases.get(key, key.removeprefix('config.'))
+    node: Any = config
+    for part in path.split('.'):
+        if not isinstance(node, config_dict.ConfigDict) or part not in node:
+            raise ValueError(f'unknown override key {key!r}: expected a field path such as model.patch_size, '
+                             f'one of {sorted(EPOCH_KEYS)}, or an alias from {sorted(aliases)}')
+        node = node[part]
+    if isinstance(node, config_dict.ConfigDict):
+        raise ValueError(f'override key {key!r} names the group config.{path}, not a field')
+    return path
+
+
+def _parent_and_leaf(config: config_dict.ConfigDict, path: str) -> tuple[config_dict.ConfigDict, str]:
+    *parents, leaf = path.split('.')
+    node = config
+    for part in parents:
+        node = node[part]
+    return node, leaf
+
+
+def _parse_value(text: str, field_type: type, template_value: Any, where: str) -> Any:
+    """Parse `text` as the field's type; placeholders (default None) also accept 'none' = from preset."""
+    if text.lower() == 'none' and template_value is None:
+        return None
+    try:
+        if field_type is bool:
+            lowered = text.lower()
+            if lowered in ('true', '1', 'yes'):
+                return True
+            if lowered in ('false', '0', 'no'):
+                return False
+            raise ValueError(text)
+        if field_type is int:
+            return int(text)
+        if field_type is float:
+            return float(text)
+        if field_type is str:
+            return text
+        if field_type in (tuple, list):
+            value = ast.literal_eval(text)
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if template_value and all(isinstance(v, float) for v in template_value):
+                value = tuple(float(v) for v in value)
+            return value
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    raise ValueError(f'override {where}: cannot read {text!r} as {field_type.__name__}')
+
+
+def apply_overrides(config: config_dict.ConfigDict, arg: str | None,
+                    aliases: Mapping[str, str] = ALIASES) -> config_dict.ConfigDict:
+    """Apply 'key=value,...' (the part after ':' in `--config file.py:<arg>`) to `config`, in place.
+
+    Keys are aliases (ALIASES: patch, bottleneck, cfg, batch, ...), dotted field paths
+    (model.patch_size), or epochs / warmup_epochs, which are converted to steps at the final batch size.
+    Special values: 'none' resets a preset-backed field to its preset; bottleneck=full is bottleneck_dim 0
+    (full rank). Errors name the key and what was expected.
+    """
+    template = base()
+    pairs = parse_overrides(arg)
+    epoch_pairs = [(k, v) for k, v in pairs if k in EPOCH_KEYS]
+    for key, text in pairs:
+        if key in EPOCH_KEYS:
+            continue
+        path = resolve_key(config, key, aliases)
+        if path == 'model.bottleneck_dim' and text.lower() == 'full':
+            text = '0'
+        parent, leaf = _parent_and_leaf(config, path)
+        template_parent, _ = _parent_and_leaf(template, path)
+        value = _parse_value(text, parent.get_type(leaf), template_parent[leaf], f'{key}={text} (config.{path})')
+        try:
+            parent[leaf] = value
+        except TypeError as error:
+            raise ValueError(f'override {key}={text}: config.{path} rejected {value!r}: {error}') from None
+    for key, text in epoch_pairs:
+        try:
+            epochs = float(text)
+        except ValueError:
+            raise ValueError(f'override {key}={text}: expected a number of epochs') from None
+        parent, leaf = _parent_and_leaf(config, EPOCH_KEYS[key])
+        parent[leaf] = epochs_to_steps(config, epochs)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f'config.{field}={value!r}: expected {expected}')
+
+
+def _check_types(config: Any, template: config_dict.ConfigDict, prefix: str) -> None:
+    """Every field of base() present with base()'s type, and nothing else (catches hand-built configs)."""
+    if not isinstance(config, config_dict.ConfigDict):
+        raise ValueError(f'config.{prefix} is a {type(config).__name__}: expected a ConfigDict group'
+                         if prefix else f'config is a {type(config).__name__}: expected a ConfigDict')
+    extra = sorted(set(config.keys()) - set(template.keys()))
+    if extra:
+        names = ', '.join(f'config.{prefix}{key}' for key in extra)
+        raise ValueError(f'unknown field(s) {names}: not in jit_jax.config_lib.base()')
+    for key in template.keys():
+        name = f'{prefix}{key}'
+        if key not in config:
+            raise ValueError(f'config.{name} is missing: every field of jit_jax.config_lib.base() must exist')
+        expected, value = template[key], config[key]
+        if isinstance(expected, config_dict.ConfigDict):
+            _check_types(value, expected, f'{name}.')
+            continue
+        field_type = template.get_type(key)
+        if value is None:
+            if expected is not None:
+                _fail(name, value, f'a value of type {field_type.__name__} (only preset-backed fields may be None)')
+            continue
+        if field_type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif field_type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif field_type in (tuple, list):
+            ok = isinstance(value, (tuple, list)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        else:
+            ok = isinstance(value, field_type)
+        if not ok:
+            _fail(name, value, f'a value of type {field_type.__name__}')
+
+
+def _check_choice(config: config_dict.ConfigDict, field: str, choices: tuple[str, ...]) -> None:
+    parent, leaf = _parent_and_leaf(config, field)
+    if parent[leaf] not in choices:
+        _fail(field, parent[leaf], f'one of {choices}')
+
+
+def _check_range(config: config_dict.ConfigDict, field: str, low: float, high: float | None = None,
+                 *, high_open: bool = True) -> None:
+    parent, leaf = _parent_and_leaf(config, field)
+    value = parent[leaf]
+    if high is None:
+        ok, expected = value >= low, f'>= {low}'
+    elif high_open:
+        ok, expected = low <= value < high, f'in [{low}, {high})'
+    else:
+        ok, expected = low <= value <= high, f'in [{low}, {high}]'
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        _fail(field, value, expected)
+
+
+def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Check the whole config once, before anything is built; raise ValueError naming the field.
+
+    num_devices: the global device count (jax.device_count(), after jax.distributed.initialize()). When
+    given, the mesh must fit it and the batch must split over the data-parallel devices; when None, only
+    the explicitly sized mesh axes are checked (so this can run before JAX initialises its backend).
+    """
+    _check_types(config, base(), '')
+
+    # model: the preset, then the resolved architecture against the data it will see.
+    _check_choice(config, 'model.dtype', DTYPES)
+    _check_choice(config, 'model.param_dtype', DTYPES)
+    _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
+    _check_choice(config, 'model.remat', REMAT_POLICIES)
+    fields = _model_fields(config)  # raises on an unknown preset or missing fields without one
+    source = 'config.model.{} (or preset %r)' % config.model.preset if config.model.preset else 'config.model.{}'
+    for name in ('patch_size', 'hidden_size', 'depth', 'num_heads', 'bottleneck_dim', 'in_channels'):
+        if fields[name] < 1:
+            raise ValueError(f'{source.format(name)} = {fields[name]}: expected a positive integer'
+                             + (' (0 = full rank is allowed)' if name == 'bottleneck_dim' else ''))
+    _check_range(config, 'data.image_size', 1)
+    _check_range(config, 'data.num_classes', 1)
+    if config.data.image_size % fields['patch_size']:
+        _fail('data.image_size', config.data.image_size,
+              f"a multiple of the patch size {fields['patch_size']} ({source.format('patch_size')})")
+    if fields['hidden_size'] % fields['num_heads']:
+        raise ValueError(f"{source.format('hidden_size')} = {fields['hidden_size']}: expected a multiple of "
+                         f"{source.format('num_heads')} = {fields['num_heads']}")
+    head_dim = fields['hidden_size'] // fields['num_heads']
+    if head_dim % 4:
+        raise ValueError(f"{source.format('num_heads')} = {fields['num_heads']}: head dim hidden_size / "
+                         f"num_heads = {head_dim} must be a multiple of 4 (2-D RoPE splits it in 4)")
+    if fields['mlp_ratio'] <= 0:
+        raise ValueError(f"{source.format('mlp_ratio')} = {fields['mlp_ratio']}: expected > 0")
+    if fields['in_context_len'] < 0:
+        raise ValueError(f"{source.format('in_context_len')} = {fields['in_context_len']}: expected >= 0")
+    if fields['in_context_len'] and not 0 <= fields['in_context_start'] < fields['depth']:
+        raise ValueError(f"{source.format('in_context_start')} = {fields['in_context_start']}: expected a "
+                         f"block index in [0, depth={fields['depth']})")
+    for name in ('attn_drop', 'proj_drop'):
+        if not 0.0 <= fields[name] < 1.0:
+            raise ValueError(f'{source.format(name)} = {fields[name]}: expected a dropout rate in [0, 1)')
+
+    # diffusion
+    _check_choice(config, 'diffusion.pred', PREDICTION_SPACES)
+    _check_choice(config, 'diffusion.loss', PREDICTION_SPACES)
+    _check_range(config, 'diffusion.p_mean', -math.inf)
+    _check_range(config, 'diffusion.p_std', 0.0)
+    if not 0.0 < config.diffusion.t_eps < 1.0:
+        _fail('diffusion.t_eps', config.diffusion.t_eps, 'in (0, 1): it clamps every division by 1 - t')
+    if not config.diffusion.noise_scale > 0:
+        _fail('diffusion.noise_scale', config.diffusion.noise_scale, '> 0 (image_size / 256 in the paper)')
+    _check_range(config, 'diffusion.label_drop_prob', 0.0, 1.0)
+
+    # sampler
+    _check_choice(config, 'sampler.method', SAMPLER_METHODS)
+    _check_range(config, 'sampler.num_steps', 1)
+    _check_range(config, 'sampler.cfg_scale', 0.0)
+    _check_range(config, 'sampler.interval_min', 0.0, 1.0, high_open=False)
+    _check_range(config, 'sampler.interval_max', 0.0, 1.0, high_open=False)
+    if config.sampler.interval_min > config.sampler.interval_max:
+        _fail('sampler.interval_min', config.sampler.interval_min,
+              f'<= config.sampler.interval_max={config.sampler.interval_max}')
+    _check_choice(config, 'sampler.ema', SAMPLER_WEIGHTS)
+    _check_range(config, 'sampler.num_images', 0)
+
+    # data
+    _check_choice(config, 'data.source', DATA_SOURCES)
+    if config.data.source == 'tfds' and not config.data.name:
+        _fail('data.name', config.data.name, "a TFDS builder name such as 'imagenet2012' (data.source='tfds')")
+    if config.data.source == 'arrayrecord' and not config.data.data_dir:
+        _fail('data.data_dir', config.data.data_dir, "the ArrayRecord folder (data.source='arrayrecord')")
+    if config.data.source == 'synthetic':
+        from jit_jax.data import synthetic  # deferred: only needed for this source
+
+        if config.data.num_classes > synthetic.NUM_SHAPES:
+            _fail('data.num_classes', config.data.num_classes,
+                  f"<= {synthetic.NUM_SHAPES} for data.source='synthetic' (one class per shape)")
+    _check_range(config, 'data.num_train_examples', 1)
+    _check_range(config, 'data.global_batch_size', 1)
+    _check_range(config, 'data.num_workers', 0)
+    _check_range(config, 'data.cache_size', 0)
+
+    # optim
+    _check_range(config, 'optim.lr', 0.0)
+    if config.optim.lr == 0 and not config.optim.blr > 0:
+        _fail('optim.blr', config.optim.blr, '> 0 (or set an absolute optim.lr > 0)')
+    _check_range(config, 'optim.b1', 0.0, 1.0)
+    _check_range(config, 'optim.b2', 0.0, 1.0)
+    _check_range(config, 'optim.eps', 0.0)
+    _check_range(config, 'optim.weight_decay', 0.0)
+    _check_range(config, 'optim.warmup_steps', 0)
+    _check_choice(config, 'optim.schedule', LR_SCHEDULES)
+    _check_range(config, 'optim.min_lr', 0.0)
+    _check_range(config, 'optim.grad_clip', 0.0)
+    _check_range(config, 'optim.grad_accum_steps', 1)
+    decays = config.optim.ema_decays
+    if not decays:
+        _fail('optim.ema_decays', decays, 'at least one decay (ema1)')
+    for i, decay in enumerate(decays):
+        if not 0.0 <= decay < 1.0:
+            _fail('optim.ema_decays', decays, f'decays in [0, 1); item {i} is {decay}')
+    if config.sampler.ema == 'ema2' and len(decays) < 2:
+        _fail('sampler.ema', 'ema2', f'an existing EMA: config.optim.ema_decays has {len(decays)} entry')
+
+    # train
+    _check_range(config, 'train.num_steps', 1)
+    _check_range(config, 'train.log_every_steps', 1)
+    for name in ('ckpt_every_steps', 'keep_every_steps', 'sample_every_steps'):
+        _check_range(config, f'train.{name}', 0)
+    _check_range(config, 'train.keep_checkpoints', 1)
+
+    # mesh and batch split
+    _check_choice(config, 'mesh.param_sharding', PARAM_SHARDINGS)
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size < 1 and size != -1:
+            _fail(f'mesh.{axis}', size, '>= 1, or -1 for all remaining devices')
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f'config.mesh: at most one axis may be -1, got {sizes}')
+    batch, accum = config.data.global_batch_size, config.optim.grad_accum_steps
+    if batch % accum:
+        _fail('data.global_batch_size', batch, f'a multiple of config.optim.grad_accum_steps={accum}')
+    micro_batch = batch // accum
+    if num_devices is not None:
+        sizes = resolve_mesh(config, num_devices)
+    # The batch is split over data x fsdp (tensor-parallel devices share examples). Axes still at -1 are
+    # unknown without num_devices and are skipped.
+    data_parallel = math.prod(size for axis, size in sizes.items() if axis != 'tensor' and size != -1)
+    if micro_batch % data_parallel:
+        what = (f'a micro-batch (global_batch_size / config.optim.grad_accum_steps = {micro_batch})'
+                if accum > 1 else 'a batch')
+        _fail('data.global_batch_size', batch, f'{what} that is a multiple of the data-parallel size '
+              f"{data_parallel} (config.mesh data={sizes['data']} x fsdp={sizes['fsdp']})")
+
+    # eval
+    _check_range(config, 'eval.every_steps', 0)
+    _check_range(config, 'eval.num_images', 1)
+    _check_range(config, 'eval.batch_size', 1)
+    if config.eval.every_steps and config.eval.num_images % config.data.num_classes:
+        _fail('eval.num_images', config.eval.num_images,
+              f'a multiple of config.data.num_classes={config.data.num_classes} (equal images per class)')
