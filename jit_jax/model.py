@@ -1,0 +1,490 @@
+"""JiT: a plain ViT over large pixel patches that predicts the clean image.
+
+The network follows the official PyTorch definition (LTH14/JiT, model_jit.py) number for number, so that
+released weights load through `jit_jax.convert` and give the same outputs. Images are NHWC here; the
+official code is NCHW. The pieces, in the order data flows through them:
+
+  bottleneck patch embed (p*p*c -> bottleneck -> d, a low-rank linear map) + fixed 2-D sin-cos positions
+  -> blocks (RMSNorm, adaLN-zero, attention with qk RMSNorm and 2-D RoPE, SwiGLU)
+     with `in_context_len` class tokens prepended before block `in_context_start`
+  -> final adaLN layer -> per-patch pixels -> unpatchify.
+
+Nothing here holds sharding or mode state: dropout runs only when a `dropout_key` is passed, and parameter
+layout across devices is decided by `jit_jax.sharding` from the parameter paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_REMAT_POLICIES = {
+    'none': None,
+    'block': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_RMS_EPS = 1e-6
+_TIME_FEATURES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class JiTConfig:
+    """Architecture and numerics of one JiT network.
+
+    The first thirteen fields carry the official constructor's names and defaults, so a config dict from the
+    PyTorch code maps onto this one directly. The rest are JAX-side choices that leave the maths unchanged
+    (up to rounding): compute / parameter dtypes, the attention kernel, scanning and rematerialising blocks.
+    """
+
+    input_size: int = 256
+    patch_size: int = 16
+    in_channels: int = 3
+    hidden_size: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    num_classes: int = 1000
+    bottleneck_dim: int = 128
+    in_context_len: int = 32
+    in_context_start: int = 8
+    dtype: str = 'float32'  # compute dtype of matmuls; norms, softmax and the residual stream stay fp32
+    param_dtype: str = 'float32'
+    attention_impl: str | None = None  # jax.nn.dot_product_attention's `implementation`: None, 'xla', 'cudnn'
+    scan_blocks: bool = False  # stack blocks and lax.scan over them: compile time independent of depth
+    remat: str = 'none'  # 'none' | 'block' (recompute everything) | 'dots' (keep matmul outputs)
+
+    def __post_init__(self):
+        def fail(field: str, expected: str):
+            raise ValueError(f'JiTConfig.{field}={getattr(self, field)!r}: expected {expected}')
+
+        for field in ('input_size', 'patch_size', 'in_channels', 'hidden_size', 'depth', 'num_heads',
+                      'bottleneck_dim', 'num_classes'):
+            if not isinstance(getattr(self, field), (int, np.integer)) or getattr(self, field) < 1:
+                fail(field, 'a positive integer')
+        if self.input_size % self.patch_size:
+            fail('input_size', f'a multiple of patch_size={self.patch_size} (the image must tile into patches)')
+        if self.hidden_size % self.num_heads:
+            fail('hidden_size', f'a multiple of num_heads={self.num_heads}')
+        if self.head_dim % 4:
+            fail('num_heads', f'a head count giving a head dim divisible by 4 for 2-D RoPE '
+                              f'(hidden_size/num_heads = {self.head_dim})')
+        if self.hidden_size % 4:
+            fail('hidden_size', 'a multiple of 4 (the 2-D sin-cos position table splits it in four)')
+        if self.in_context_len < 0:
+            fail('in_context_len', 'a non-negative integer')
+        if self.in_context_len and not 0 <= self.in_context_start < self.depth:
+            fail('in_context_start', f'a block index in [0, depth={self.depth}) where the class tokens join')
+        for field in ('attn_drop', 'proj_drop'):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                fail(field, 'a dropout rate in [0, 1)')
+        for field in ('dtype', 'param_dtype'):
+            if getattr(self, field) not in _DTYPES:
+                fail(field, f'one of {sorted(_DTYPES)}')
+        if self.attention_impl not in (None, 'xla', 'cudnn'):
+            fail('attention_impl', "None, 'xla' or 'cudnn'")
+        if self.remat not in _REMAT_POLICIES:
+            fail('remat', f'one of {sorted(_REMAT_POLICIES)}')
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU width: the official int(int(d * mlp_ratio) * 2 / 3), e.g. 2730 for d = 1024."""
+        return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size ** 2 * self.in_channels
+
+    def dropout_active(self, block: int) -> bool:
+        """The official code enables dropout only in the middle half of the blocks."""
+        return self.depth // 4 <= block < self.depth // 4 * 3
+
+
+# Sizes per model from the paper (Table 9 / the official presets); G is not in the official code and takes
+# the paper's configuration (its in-context start of 10 is unconfirmed). proj_drop: 0 for B (official README),
+# 0.2 for H (official README); L = 0 and G = 0.2 follow the paper's Table 9 as reported (unconfirmed).
+_SIZES = {
+    'B': dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4, proj_drop=0.0),
+    'L': dict(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_start=8, proj_drop=0.0),
+    'H': dict(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_start=10, proj_drop=0.2),
+    'G': dict(depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_start=10, proj_drop=0.2),
+}
+# Patch size follows resolution so every model sees 16 x 16 = 256 tokens.
+PRESETS: dict[str, JiTConfig] = {
+    f'JiT-{size}/{patch}': JiTConfig(input_size=16 * patch, patch_size=patch, in_context_len=32, **dims)
+    for size, dims in _SIZES.items() for patch in (16, 32, 64)
+}
+
+
+def preset(name: str, **overrides: Any) -> JiTConfig:
+    """A paper model by name ('JiT-B/16' ... 'JiT-G/64'), with any field replaced."""
+    if name not in PRESETS:
+        raise ValueError(f'unknown JiT preset {name!r}; expected one of {sorted(PRESETS)}')
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed tables. Built in numpy once per shape, so they enter compiled programs as constants.
+
+
+@functools.lru_cache(maxsize=None)
+def pos_embed_table(dim: int, grid: int) -> np.ndarray:
+    """MAE-style 2-D sin-cos table, f64[grid*grid, dim].
+
+    Channels [0, dim/2) encode the token's column, [dim/2, dim) its row; each half is [sin, cos] over
+    frequencies 10000^(-i / (dim/4)). Built in float64 like the official code, which then casts to float32.
+    """
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
+
+    def half(pos):
+        angles = pos[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([half(cols), half(rows)], axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_tables(head_dim: int, grid: int, num_prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """2-D rotary tables (cos, sin), f32[num_prefix + grid*grid, head_dim].
+
+    The first head_dim/2 channels rotate by the token's row, the rest by its column; each frequency
+    10000^(-2j / (head_dim/2)) serves an adjacent (interleaved) channel pair. `num_prefix` identity rows
+    (cos 1, sin 0) lead the table for the in-context class tokens, which the official code leaves unrotated.
+    Computed in float32, as the official code does.
+    """
+    dim = head_dim // 2
+    freqs = (1.0 / 10000 ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2] / np.float32(dim)))
+    freqs = np.repeat(freqs.astype(np.float32), 2)  # f32[dim]: one angle per channel pair
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    angles = np.concatenate([rows[:, None].astype(np.float32) * freqs, cols[:, None].astype(np.float32) * freqs],
+                            axis=1).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    if num_prefix:
+        cos = np.concatenate([np.ones((num_prefix, head_dim), np.float32), cos])
+        sin = np.concatenate([np.zeros((num_prefix, head_dim), np.float32), sin])
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rot(x) * sin with rot(a, b) = (-b, a) on adjacent pairs.  x: [b, n, heads, hd]; cos: [n, hd]."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (x * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def timestep_features(t: jax.Array, dim: int = _TIME_FEATURES, max_period: float = 10000.0) -> jax.Array:
+    """[cos(t f), sin(t f)] with f_k = max_period^(-k / (dim/2)); t enters raw in [0, 1], not scaled by 1000."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """f[b, h, w, c] -> f[b, (h/p)*(w/p), p*p*c], tokens row-major, features ordered (p_row, p_col, c)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, channels: int) -> jax.Array:
+    """Inverse of `patchify` for a square grid: f[b, n, p*p*c] -> f[b, h, w, c]."""
+    b, n, _ = x.shape
+    g = math.isqrt(n)
+    x = x.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, channels)
+
+
+def _dropout(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; `rate` may be traced (scanned blocks carry their own rate)."""
+    if key is None or (isinstance(rate, float) and rate == 0.0):
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules.
+
+
+def _linear(din: int, dout: int, cfg: JiTConfig, rngs: nnx.Rngs, *, use_bias: bool = True,
+            kernel_init=nnx.initializers.xavier_uniform()) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=kernel_init, bias_init=nnx.initializers.zeros,
+                      dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype], rngs=rngs)
+
+
+_zeros = nnx.initializers.zeros
+_normal02 = nnx.initializers.normal(0.02)
+
+
+class RMSNorm(nnx.Module):
+    """w * x / sqrt(mean(x^2) + 1e-6), statistics in float32 whatever the compute dtype (as officially)."""
+
+    def __init__(self, dim: int, cfg: JiTConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), _DTYPES[cfg.param_dtype]))
+        self.dtype = _DTYPES[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _RMS_EPS)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.impl = cfg.attention_impl
+        self.qkv = _linear(d, 3 * d, cfg, rngs)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg)
+        self.proj = _linear(d, d, cfg, rngs)
+
+    def __call__(self, x, cos, sin, *, attn_drop=0.0, proj_drop=0.0, key=None):  # f[b, n, d] -> f[b, n, d]
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q = apply_rope(self.q_norm(qkv[:, :, 0]), cos, sin)
+        k = apply_rope(self.k_norm(qkv[:, :, 1]), cos, sin)
+        v = qkv[:, :, 2]
+        keys = jax.random.split(key, 2) if key is not None else (None, None)
+        if keys[0] is not None and not (isinstance(attn_drop, float) and attn_drop == 0.0):
+            # Fused kernels take no dropout: attention dropout (0 in every official config) runs unfused.
+            logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+            out = jnp.einsum('bhqk,bkhd->bqhd', _dropout(probs, attn_drop, keys[0]).astype(v.dtype), v)
+        else:
+            # Logits and softmax run in float32 inside (as the official code insists, for stability).
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        return _dropout(self.proj(out.reshape(b, n, d)), proj_drop, keys[1])
+
+
+class SwiGLU(nnx.Module):
+    """One fused input linear (gate half first, then value half), SiLU gate, output linear."""
+
+    def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
+        self.w12 = _linear(cfg.hidden_size, 2 * cfg.mlp_hidden, cfg, rngs)
+        self.w3 = _linear(cfg.mlp_hidden, cfg.hidden_size, cfg, rngs)
+
+    def __call__(self, x, *, drop=0.0, key=None):
+        gate, value = jnp.split(self.w12(x), 2, axis=-1)
+        return self.w3(_dropout(nnx.silu(gate) * value, drop, key))
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block whose norms are shifted, scaled and gated by the conditioning (adaLN-zero)."""
+
+    def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.norm1 = RMSNorm(d, cfg)
+        self.attn = Attention(cfg, rngs)
+        self.norm2 = RMSNorm(d, cfg)
+        self.mlp = SwiGLU(cfg, rngs)
+        self.adaLN_modulation = _linear(d, 6 * d, cfg, rngs, kernel_init=_zeros)
+
+    def __call__(self, x, c, cos, sin, *, attn_drop=0.0, proj_drop=0.0, key=None):
+        mod = self.adaLN_modulation(nnx.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        keys = jax.random.split(key, 2) if key is not None else (None, None)
+        h = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), cos, sin,
+                      attn_drop=attn_drop, proj_drop=proj_drop, key=keys[0])
+        x = x + gate_msa[:, None, :] * h
+        h = self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp), drop=proj_drop, key=keys[1])
+        return x + gate_mlp[:, None, :] * h
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.norm_final = RMSNorm(d, cfg)
+        self.adaLN_modulation = _linear(d, 2 * d, cfg, rngs, kernel_init=_zeros)
+        self.linear = _linear(d, cfg.patch_dim, cfg, rngs, kernel_init=_zeros)
+
+    def __call__(self, x, c):
+        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class TimestepEmbedder(nnx.Module):
+    def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
+        self.mlp0 = _linear(_TIME_FEATURES, cfg.hidden_size, cfg, rngs, kernel_init=_normal02)
+        self.mlp2 = _linear(cfg.hidden_size, cfg.hidden_size, cfg, rngs, kernel_init=_normal02)
+
+    def __call__(self, t):
+        return self.mlp2(nnx.silu(self.mlp0(timestep_features(t))))
+
+
+class PatchEmbed(nnx.Module):
+    """Patch -> bottleneck (no bias) -> width. The official p x p / 1 x 1 convolutions as two matmuls."""
+
+    def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
+        self.patch_size = cfg.patch_size
+        self.proj1 = _linear(cfg.patch_dim, cfg.bottleneck_dim, cfg, rngs, use_bias=False)
+        self.proj2 = _linear(cfg.bottleneck_dim, cfg.hidden_size, cfg, rngs)
+
+    def __call__(self, x):  # f[b, h, w, c] -> f[b, n, d]
+        return self.proj2(self.proj1(patchify(x, self.patch_size)))
+
+
+class JiT(nnx.Module):
+    """The JiT denoiser network: (z_t NHWC, t, label) -> predicted clean image NHWC (float32)."""
+
+    def __init__(self, cfg: JiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.t_embedder = TimestepEmbedder(cfg, rngs)
+        self.y_embedder = nnx.Embed(cfg.num_classes + 1, cfg.hidden_size, embedding_init=_normal02,
+                                    param_dtype=_DTYPES[cfg.param_dtype], rngs=rngs)
+        self.x_embedder = PatchEmbed(cfg, rngs)
+        if cfg.in_context_len:
+            self.in_context_posemb = nnx.Param(_normal02(rngs.params(), (cfg.in_context_len, cfg.hidden_size),
+                                                         _DTYPES[cfg.param_dtype]))
+        if cfg.scan_blocks:
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Block(cfg, rngs)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg, rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None,
+                 return_activations: bool = False):
+        """x: f[b, h, w, c] (z_t), t: f[b] (1 = clean), y: i[b] (num_classes = null) -> x_hat f32[b, h, w, c].
+
+        With `return_activations`, also returns the intermediates the parity tests compare: t_emb, y_emb,
+        patch_embed (before positions), block_XX (every block's output, class tokens included) and
+        final_tokens (per-patch pixels before unpatchify).
+        """
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
+            raise ValueError(f'JiT input has shape {x.shape}; expected NHWC [batch, {cfg.input_size}, '
+                             f'{cfg.input_size}, {cfg.in_channels}] (JiTConfig.input_size / in_channels)')
+        acts = {} if return_activations else None
+        t_emb = self.t_embedder(jnp.asarray(t, jnp.float32).reshape(x.shape[0]))
+        y_emb = self.y_embedder(jnp.asarray(y, jnp.int32).reshape(x.shape[0]))
+        c = t_emb + y_emb
+        patches = self.x_embedder(x)
+        tokens = patches + jnp.asarray(pos_embed_table(cfg.hidden_size, cfg.grid), jnp.float32)
+
+        start = cfg.in_context_start if cfg.in_context_len else cfg.depth
+        keys = jax.random.split(dropout_key, cfg.depth) if dropout_key is not None else None
+        tokens = self._run_blocks(tokens, c, 0, start, keys, num_prefix=0, acts=acts)
+        if cfg.in_context_len:
+            context = y_emb[:, None, :] + self.in_context_posemb[...][None]
+            tokens = jnp.concatenate([context.astype(tokens.dtype), tokens], axis=1)
+            tokens = self._run_blocks(tokens, c, start, cfg.depth, keys, num_prefix=cfg.in_context_len, acts=acts)
+            tokens = tokens[:, cfg.in_context_len:]
+        final = self.final_layer(tokens, c)
+        out = unpatchify(final, cfg.patch_size, cfg.in_channels).astype(jnp.float32)
+        if acts is None:
+            return out
+        acts.update(t_emb=t_emb, y_emb=y_emb, patch_embed=patches, final_tokens=final)
+        return out, acts
+
+    def _run_blocks(self, x, c, lo: int, hi: int, keys, *, num_prefix: int, acts: dict | None):
+        """Blocks lo..hi-1, all on one token layout: `num_prefix` unrotated class tokens, then the image."""
+        cfg = self.cfg
+        if lo == hi:
+            return x
+        cos, sin = (jnp.asarray(a) for a in rope_tables(cfg.head_dim, cfg.grid, num_prefix))
+        rates = [(cfg.attn_drop, cfg.proj_drop) if cfg.dropout_active(i) else (0.0, 0.0) for i in range(cfg.depth)]
+
+        def apply(graphdef, state, x, key, attn_drop, proj_drop):
+            return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
+
+        if cfg.remat != 'none':
+            apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+
+        if not cfg.scan_blocks:
+            for i in range(lo, hi):
+                graphdef, state = nnx.split(self.blocks[i])
+                x = apply(graphdef, state, x, None if keys is None else keys[i], *rates[i])
+                if acts is not None:
+                    acts[f'block_{i:02d}'] = x
+            return x
+
+        graphdef, state = nnx.split(self.blocks)
+        segment = jax.tree.map(lambda a: a[lo:hi], state)
+        drops = jnp.asarray(rates[lo:hi], jnp.float32)
+
+        def body(x, xs):
+            layer_state, key, drop = xs
+            x = apply(graphdef, layer_state, x, key, drop[0], drop[1])
+            return x, (x if acts is not None else None)
+
+        x, per_block = jax.lax.scan(body, x, (segment, None if keys is None else keys[lo:hi], drops))
+        if acts is not None:
+            acts.update({f'block_{i:02d}': per_block[i - lo] for i in range(lo, hi)})
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Self-description: sizes and compute without allocating anything.
+
+
+def param_count(cfg: JiTConfig) -> int:
+    """Trainable parameters, counted on an abstract model (jax.eval_shape: nothing is allocated).
+
+    The official state_dict also holds the frozen pos_embed (num_patches * hidden_size); here it is a constant.
+    """
+    abstract = nnx.eval_shape(lambda: JiT(cfg, rngs=nnx.Rngs(0)))
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def forward_macs(cfg: JiTConfig) -> int:
+    """Multiply-accumulates of one forward pass for one image (what the paper's "Gflops" count).
+
+    Matmuls only: patch embed, the per-block qkv / attention / projection / SwiGLU / adaLN, the final layer and
+    the timestep MLP. Elementwise work (norms, RoPE, softmax) is a rounding error at these sizes.
+    """
+    d, f, n = cfg.hidden_size, cfg.mlp_hidden, cfg.num_patches
+    macs = n * (cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * d)
+    macs += _TIME_FEATURES * d + d * d
+    for i in range(cfg.depth):
+        tokens = n + (cfg.in_context_len if cfg.in_context_len and i >= cfg.in_context_start else 0)
+        macs += tokens * (4 * d * d + 3 * d * f) + 2 * tokens * tokens * d + 6 * d * d
+    macs += n * d * cfg.patch_dim + 2 * d * d
+    return macs
+
+
+def describe(names=None) -> str:
+    """A table of presets: shape, parameters and forward G MACs, as the paper's Tables 5/7 report them."""
+    rows = [f"{'preset':10s} {'res':>5s} {'depth':>5s} {'width':>5s} {'heads':>5s} {'bneck':>5s} "
+            f"{'params':>14s} {'GMACs':>7s}"]
+    for name in names or PRESETS:
+        cfg = PRESETS[name]
+        rows.append(f'{name:10s} {cfg.input_size:5d} {cfg.depth:5d} {cfg.hidden_size:5d} {cfg.num_heads:5d} '
+                    f'{cfg.bottleneck_dim:5d} {param_count(cfg):14,d} {forward_macs(cfg) / 1e9:7.1f}')
+    return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+    print(describe())
