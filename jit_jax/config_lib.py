@@ -147,8 +147,7 @@ def base() -> config_dict.ConfigDict:
     # ---- data
     config.data = data = config_dict.ConfigDict()
     data.source = 'tfds'  # 'synthetic' (procedural, offline) | 'tfds' | 'arrayrecord'
-    data.name = 'imagenet2012'  # TFDS builder name (source='tfds')
-    data.split = 'train'  # split to train on
+    data.name = 'imagenet2012'  # TFDS builder name (source='tfds'); its 'train' split is used
     data.data_dir = ''  # TFDS data dir, or the ArrayRecord folder (source='arrayrecord'); '' = default
     data.manual_dir = ''  # where the ImageNet tars are (TFDS manual download); '' = TFDS default
     data.image_size = 256  # training resolution; also the model's input_size
@@ -158,7 +157,9 @@ def base() -> config_dict.ConfigDict:
     data.global_batch_size = 1024  # over all hosts and devices (official: 128 per GPU x 8 GPUs)
     data.random_flip = True  # horizontal flip, the only augmentation of the official pipeline
     data.num_workers = 12  # Grain worker processes per host (official DataLoader: 12); 0 = in-process
-    data.shuffle_seed = 0  # Grain's shuffle seed, separate from config.seed
+    data.read_threads = 8  # threads reading / decoding in each process
+    data.prefetch_buffer_size = 256  # elements (not batches) read ahead per process
+    data.shuffle_seed = 0  # mixed with config.seed into Grain's shuffle: reshuffles only the data
     data.cache_size = 0  # decoded examples each host keeps in memory (0 = no cache)
 
     # ---- optim: AdamW with linear warmup, then constant (util/lr_sched.py)
@@ -621,6 +622,8 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
     _check_range(config, 'data.num_train_examples', 1)
     _check_range(config, 'data.global_batch_size', 1)
     _check_range(config, 'data.num_workers', 0)
+    _check_range(config, 'data.read_threads', 1)
+    _check_range(config, 'data.prefetch_buffer_size', 0)
     _check_range(config, 'data.cache_size', 0)
 
     # optim
