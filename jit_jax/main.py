@@ -1,0 +1,75 @@
+"""python -m jit_jax.main --config configs/<file>.py[:overrides] --workdir DIR [--config.x.y=value ...]
+
+Trains (resuming from the newest checkpoint in DIR when there is one), logs to TensorBoard event files in
+DIR and to the console, and writes sample grids to DIR/samples. On multi-host systems start the same
+command on every host; jax.distributed is initialised from the environment (TPU pods, SLURM) or from
+--coordinator_address / --num_processes / --process_id.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<name>.py[:overrides]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host only).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host only).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-host only).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    """clu and TFDS import TensorFlow; it must not grab GPU memory that JAX needs."""
+    try:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        tf.config.set_visible_devices([], 'GPU')
+    except (ImportError, RuntimeError):
+        pass
+
+
+def _initialise_distributed() -> None:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif any(v in os.environ for v in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS')) and \
+            os.environ.get('JIT_JAX_NO_DISTRIBUTED') != '1':
+        jax.distributed.initialize()  # cluster auto-detection
+
+
+def _quiet_library_logs() -> None:
+    """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter around our progress."""
+    import logging as py_logging  # pylint: disable=import-outside-toplevel
+
+    def keep(record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or not any(
+            lib in record.pathname for lib in ('/orbax/', '/grain/', '/etils/'))
+
+    logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _quiet_library_logs()
+    _hide_accelerators_from_tensorflow()
+    _initialise_distributed()
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from jit_jax import train  # pylint: disable=import-outside-toplevel
+
+    logging.info('JAX processes %d, local devices %d, global devices %d (%s)', jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info('finished: %s', result)
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+    app.run(main)

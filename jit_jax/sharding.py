@@ -1,0 +1,99 @@
+"""Device mesh and array layouts: where parameters, optimizer state and batches live.
+
+The mesh has two axes, `data` and `fsdp`; the batch is split over both. Parameters are either replicated
+(small models: B/L fit on every device, and replication avoids gathers) or split over `fsdp` (H/G: ZeRO-3
+style, each device holds 1/fsdp of every large array and XLA gathers them around each use). The layout is
+computed from shapes alone, like big_vision's sharding strategies, so the model code carries no sharding
+annotations and a layout change never edits it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp')
+BATCH = P(AXES)  # the batch axis splits over every device
+# Arrays smaller than this stay replicated under fsdp: gathering them costs more than storing them.
+MIN_SHARDED_SIZE = 2 ** 14
+
+
+def make_mesh(mesh_config: Any, devices=None) -> Mesh:
+    """A mesh from config.mesh ({data, fsdp, tensor}; one of data/fsdp may be -1 = the remaining devices).
+
+    Axes are Auto (GSPMD propagation): jax 0.10 defaults to Explicit axes, under which a matmul over a
+    sharded contraction dimension needs an explicit out_sharding everywhere in the model.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    tensor = int(mesh_config.get('tensor', 1)) if hasattr(mesh_config, 'get') else 1
+    if tensor != 1:
+        raise ValueError(f'config.mesh.tensor={tensor}: only 1 is supported (JiT up to G trains with data '
+                         'and fsdp parallelism; tensor parallelism is not implemented)')
+    sizes = {axis: int(mesh_config[axis]) for axis in AXES}
+    auto = [axis for axis, size in sizes.items() if size == -1]
+    if len(auto) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f'config.mesh: data={sizes["data"]}, fsdp={sizes["fsdp"]}; expected positive sizes '
+                         'with at most one -1 (= all remaining devices)')
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if auto:
+        if len(devices) % fixed:
+            raise ValueError(f'config.mesh: {len(devices)} devices do not divide by the fixed axes {sizes}')
+        sizes[auto[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f'config.mesh: data x fsdp = {sizes["data"]} x {sizes["fsdp"]} but there are '
+                         f'{len(devices)} devices')
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Split the largest of the last two dimensions that divides by fsdp (leading scan axes stay whole)."""
+    if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+        return P()
+    candidates = sorted(range(max(0, len(shape) - 2), len(shape)), key=lambda d: -shape[d])
+    for dim in candidates:
+        if shape[dim] % fsdp == 0:
+            return P(*([None] * dim), 'fsdp')
+    return P()
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh, mode: str) -> Any:
+    """NamedShardings for every array of a (possibly abstract) pytree: parameters, moments, EMA copies.
+
+    mode 'replicate' copies everything to every device; 'fsdp' splits large arrays over the fsdp axis.
+    """
+    if mode not in ('replicate', 'fsdp'):
+        raise ValueError(f"config.mesh.param_sharding={mode!r}: expected 'replicate' or 'fsdp'")
+    fsdp = mesh.shape['fsdp'] if mode == 'fsdp' else 1
+
+    def one(leaf):
+        shape = tuple(getattr(leaf, 'shape', np.shape(leaf)))
+        return NamedSharding(mesh, _fsdp_spec(shape, fsdp))
+
+    return jax.tree.map(one, abstract_tree)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of the batch -> one global array split over every device of the mesh.
+
+    Each host feeds only its own rows (jax.make_array_from_process_local_data); no host ever holds the
+    global batch, and a single process simply places its rows.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
