@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from flax import nnx
 from ml_collections import config_dict
 
@@ -117,7 +118,7 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
     ema = {name: optax.incremental_update(params, state['ema'][name], 1.0 - decay)
            for name, decay in zip(ema_names(spec.ema_decays), spec.ema_decays)}
     new_state = {'params': params, 'opt': opt, 'ema': ema, 'step': state['step'] + 1, 'rng': state['rng']}
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 @jax.jit
@@ -138,7 +139,7 @@ class Trainer:
     """Everything a run needs, built once from the config: mesh, model graph, optimizer, jitted step."""
 
     def __init__(self, config: config_dict.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-        config_lib.validate(config, num_devices=jax.device_count())
+        config_lib.validate(config, num_devices=jax.device_count() if mesh is None else mesh.devices.size)
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
         self.model_config = config_lib.model_config(config)
@@ -181,7 +182,10 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             out = sampling.sample_from_seed(self.sampling_model(state), labels, jax.random.key(seed), self.sampler,
                                             (size, size, self.model_config.in_channels), self.flow.noise_scale)
-        return images.make_grid(np.asarray(jax.device_get(sampling.to_uint8(out))), columns)
+        pixels = sampling.to_uint8(out)
+        if not pixels.is_fully_addressable:  # multi-host: every host holds only its rows
+            pixels = multihost_utils.process_allgather(pixels, tiled=True)
+        return images.make_grid(np.asarray(jax.device_get(pixels)), columns)
 
 
 def _meta(trainer: Trainer, step: int) -> dict:
