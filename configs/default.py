@@ -75,8 +75,5 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.train.keep_every_steps = 0
     config.train.sample_every_steps = NUM_TRAIN_STEPS // 2  # a grid at half-time and at the end
 
-    config.eval.every_steps = 0  # FID needs Inception weights and a reference; off by default
-    config.eval.num_images = 1000
-    config.eval.batch_size = 100
 
     return config_lib.apply_overrides(config, arg)

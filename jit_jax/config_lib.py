@@ -160,7 +160,6 @@ def base() -> config_dict.ConfigDict:
     data.read_threads = 8  # threads reading / decoding in each process
     data.prefetch_buffer_size = 256  # elements (not batches) read ahead per process
     data.shuffle_seed = 0  # mixed with config.seed into Grain's shuffle: reshuffles only the data
-    data.cache_size = 0  # decoded examples each host keeps in memory (0 = no cache)
 
     # ---- optim: AdamW with linear warmup, then constant (util/lr_sched.py)
     config.optim = optim = config_dict.ConfigDict()
@@ -192,14 +191,6 @@ def base() -> config_dict.ConfigDict:
     mesh.fsdp = 1  # batch split *and* params split across it (ZeRO-3 style)
     mesh.tensor = 1  # model (tensor) parallelism on heads / MLP width; JiT sizes rarely need it
     mesh.param_sharding = 'replicate'  # 'replicate' | 'fsdp' (shard params over the fsdp axis)
-
-    # ---- eval: FID / IS over generated images (jit_jax.evaluation)
-    config.eval = evaluation = config_dict.ConfigDict()
-    evaluation.every_steps = 0  # 0 = no online eval (official default; when on: every 40 epochs)
-    evaluation.num_images = 50_000  # FID-50K, 50 per class in class order
-    evaluation.batch_size = 1024  # global generation batch (official --gen_bsz 256 per GPU)
-    evaluation.ref_stats = ''  # npz with reference mu / sigma (official fid_stats/jit_in256_stats.npz)
-    evaluation.inception_npz = ''  # Inception weights converted to npz (no download at run time)
 
     config.lock()
     return config
@@ -624,7 +615,6 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
     _check_range(config, 'data.num_workers', 0)
     _check_range(config, 'data.read_threads', 1)
     _check_range(config, 'data.prefetch_buffer_size', 0)
-    _check_range(config, 'data.cache_size', 0)
 
     # optim
     _check_range(config, 'optim.lr', 0.0)
@@ -678,10 +668,3 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
         _fail('data.global_batch_size', batch, f'{what} that is a multiple of the data-parallel size '
               f"{data_parallel} (config.mesh data={sizes['data']} x fsdp={sizes['fsdp']})")
 
-    # eval
-    _check_range(config, 'eval.every_steps', 0)
-    _check_range(config, 'eval.num_images', 1)
-    _check_range(config, 'eval.batch_size', 1)
-    if config.eval.every_steps and config.eval.num_images % config.data.num_classes:
-        _fail('eval.num_images', config.eval.num_images,
-              f'a multiple of config.data.num_classes={config.data.num_classes} (equal images per class)')

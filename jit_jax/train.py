@@ -219,8 +219,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Pa
     is_main = jax.process_index() == 0
     checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', keep=cfg_train.keep_checkpoints,
                                          keep_every_steps=cfg_train.keep_every_steps)
-    data = pipeline.make_train_iterator(config.data, seed=config.seed,
-                                        num_examples=config.data.num_train_examples)
+    data = pipeline.make_train_iterator(config.data, seed=config.seed)
 
     start = checkpointer.latest_step()
     if start is None:

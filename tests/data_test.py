@@ -244,7 +244,7 @@ def _assert_same(batches_a, batches_b):
 
 
 def _iterator(**kwargs):
-    fields = dict(image_size=SIZE, num_examples=64, global_batch_size=4, read_threads=2,
+    fields = dict(image_size=SIZE, num_train_examples=64, global_batch_size=4, read_threads=2,
                   process_index=0, process_count=1)
     return pipeline.make_train_iterator(**{**fields, **kwargs})
 
@@ -281,13 +281,13 @@ def test_iterator_state_round_trip_through_orbax(tmp_path):
     import grain
     import orbax.checkpoint as ocp
 
-    iterator = _iterator(seed=6, num_examples=12)  # 3 batches per epoch: the resume crosses epochs
+    iterator = _iterator(seed=6, num_train_examples=12)  # 3 batches per epoch: the resume crosses epochs
     _take(iterator, 2)
     with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
         manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
         manager.wait_until_finished()
     expected = _take(iterator, 5)
-    resumed = _iterator(seed=6, num_examples=12)
+    resumed = _iterator(seed=6, num_train_examples=12)
     with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
         manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
     _assert_same(_take(resumed, 5), expected)
@@ -307,7 +307,7 @@ def test_process_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch():
     seen = []
     for process_index in range(2):
         # 12 examples per process, 2 per local batch: 6 batches per epoch; take two epochs.
-        iterator = _iterator(num_examples=24, process_index=process_index, process_count=2,
+        iterator = _iterator(num_train_examples=24, process_index=process_index, process_count=2,
                              random_flip=False)
         order = [i for batch in _take(iterator, 12) for i in _indices(batch, lookup)]
         first, second = order[:12], order[12:]
@@ -319,8 +319,8 @@ def test_process_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch():
 
 
 def test_flip_is_applied_to_about_half():
-    flipped = _take(_iterator(seed=7, num_examples=200, global_batch_size=8), 25)
-    plain = _take(_iterator(seed=7, num_examples=200, global_batch_size=8, random_flip=False), 25)
+    flipped = _take(_iterator(seed=7, num_train_examples=200, global_batch_size=8), 25)
+    plain = _take(_iterator(seed=7, num_train_examples=200, global_batch_size=8, random_flip=False), 25)
     was_flipped = []
     for f, p in zip(flipped, plain):
         np.testing.assert_array_equal(f['label'], p['label'])  # same order: flip has its own seed

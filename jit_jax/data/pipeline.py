@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     'global_batch_size': 8,      # over all processes; each process yields global // process_count
     'num_workers': 0,            # Grain worker processes; 0 = in this process (threads only)
     'shuffle_seed': 0,           # mixed with the training seed; change it to reshuffle only the data
-    'num_examples': 50_000,      # synthetic: dataset size
+    'num_train_examples': 50_000,  # synthetic: dataset size
     'random_flip': True,         # the official augmentation; off only for ablations and tests
     'read_threads': 8,           # threads decoding elements in each process
     'prefetch_buffer_size': 256,  # elements (not batches) read ahead per process
@@ -121,7 +121,7 @@ def make_source(fields: dict[str, Any], *, process_count: int = 1) -> grain.MapD
     source = fields['source']
     if source == 'synthetic':
         return grain.MapDataset.source(synthetic.SyntheticShapes(
-            num_examples=fields['num_examples'], image_size=fields['image_size'],
+            num_examples=fields['num_train_examples'], image_size=fields['image_size'],
             num_classes=fields['num_classes']))
     if source == 'arrayrecord':
         data_dir = fields['data_dir']
