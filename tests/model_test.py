@@ -15,6 +15,17 @@ from jit_jax import convert, model
 FORWARD_CASES = ['p4_ctx', 'p8_ctx', 'noctx']
 
 
+@nnx.jit
+def forward(net, x, t, y, dropout_key=None):
+    """Jitted: eager op-by-op dispatch would dominate these tests' run time."""
+    return net(x, t, y, dropout_key=dropout_key)
+
+
+@nnx.jit
+def loss_and_grads(net, x, t, y):
+    return nnx.value_and_grad(lambda m: jnp.mean(m(x, t, y) ** 2))(net)
+
+
 @pytest.fixture(scope='module', params=FORWARD_CASES)
 def forward_case(request):
     ref = load_golden(f'model_forward_{request.param}')
@@ -44,7 +55,7 @@ def test_activations_match_pytorch(forward_case):
 def test_null_label_row_is_used(forward_case):
     _, ref, net, out, _ = forward_case
     assert ref['y'][-1] == ref['config']['num_classes']  # golden convention: the last sample is unconditional
-    relabelled = net(nhwc(ref['x']), ref['t'], np.where(np.arange(len(ref['y'])) == len(ref['y']) - 1, 0, ref['y']))
+    relabelled = forward(net, nhwc(ref['x']), ref['t'], np.where(np.arange(len(ref['y'])) == len(ref['y']) - 1, 0, ref['y']))
     assert not np.allclose(relabelled[-1], out[-1], atol=1e-4)
     np.testing.assert_allclose(relabelled[:-1], out[:-1], rtol=1e-6, atol=1e-6)
 
@@ -94,7 +105,7 @@ def _tiny_model(**overrides):
 
 def test_bf16_forward_close_to_fp32():
     ref, net = _tiny_model(dtype='bfloat16')
-    out = net(nhwc(ref['x']), ref['t'], ref['y'])
+    out = forward(net, nhwc(ref['x']), ref['t'], ref['y'])
     err = rel_err(out, nhwc(ref['out']))
     print(f'bf16 forward relative error {err:.2e}')
     assert out.dtype == jnp.float32 and err <= 2e-2
@@ -107,13 +118,9 @@ def test_scan_and_remat_keep_outputs_and_gradients(overrides):
     ref, base = _tiny_model()
     _, other = _tiny_model(**overrides)
     x, t, y = nhwc(ref['x']), ref['t'], ref['y']
-
-    def loss(m):
-        return jnp.mean(m(x, t, y) ** 2)
-
-    np.testing.assert_allclose(other(x, t, y), base(x, t, y), rtol=1e-5, atol=1e-5)
-    g_base = nnx.grad(loss)(base)
-    g_other = nnx.grad(loss)(other)
+    np.testing.assert_allclose(forward(other, x, t, y), forward(base, x, t, y), rtol=1e-5, atol=1e-5)
+    _, g_base = loss_and_grads(base, x, t, y)
+    _, g_other = loss_and_grads(other, x, t, y)
     want = g_base['blocks'][3]['mlp']['w12']['kernel'][...]
     got = g_other['blocks'][3]['mlp']['w12']['kernel'][...] if not overrides.get('scan_blocks') else \
         g_other['blocks']['mlp']['w12']['kernel'][...][3]
@@ -123,9 +130,9 @@ def test_scan_and_remat_keep_outputs_and_gradients(overrides):
 def test_dropout_only_with_key_and_only_in_middle_blocks():
     ref, net = _tiny_model(proj_drop=0.5)
     x, t, y = nhwc(ref['x']), ref['t'], ref['y']
-    np.testing.assert_allclose(net(x, t, y), nhwc(ref['out']), rtol=1e-5, atol=1e-5)
-    a = net(x, t, y, dropout_key=jax.random.key(0))
-    b = net(x, t, y, dropout_key=jax.random.key(1))
+    np.testing.assert_allclose(forward(net, x, t, y), nhwc(ref['out']), rtol=1e-5, atol=1e-5)
+    a = forward(net, x, t, y, jax.random.key(0))
+    b = forward(net, x, t, y, jax.random.key(1))
     assert not np.allclose(a, b)
     cfg = net.cfg
     assert [cfg.dropout_active(i) for i in range(cfg.depth)] == [cfg.depth // 4 <= i < 3 * (cfg.depth // 4)
@@ -136,9 +143,9 @@ def test_dropout_only_with_key_and_only_in_middle_blocks():
 def test_official_initialisation():
     cfg = model.JiTConfig(input_size=32, patch_size=8, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16,
                           num_classes=10, in_context_len=2, in_context_start=1)
-    net = model.JiT(cfg, rngs=nnx.Rngs(0))
+    net = nnx.jit(lambda: model.JiT(cfg, rngs=nnx.Rngs(0)))()
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    assert np.all(net(x, jnp.array([0.2, 0.9]), jnp.array([1, 10])) == 0), 'zero final layer: x_hat = 0 at init'
+    assert np.all(forward(net, x, jnp.array([0.2, 0.9]), jnp.array([1, 10])) == 0), 'zero final layer: x_hat = 0 at init'
     for blk in net.blocks:
         assert np.all(blk.adaLN_modulation.kernel[...] == 0) and np.all(blk.adaLN_modulation.bias[...] == 0)
         assert np.all(blk.attn.qkv.bias[...] == 0)
