@@ -11,7 +11,8 @@ Layouts differ in three places, all handled by `_RULES`:
 
 Command line (torch is needed only here, imported lazily):
   python -m jit_jax.convert --torch-checkpoint checkpoint-last.pth --out DIR [--preset JiT-B/16]
-writes an Orbax checkpoint of the weights and, when the file has them, the EMA copies.
+writes an Orbax checkpoint of the weights and, when the file has them, the EMA copies;
+`load_converted(DIR, 'ema1')` gives the network back.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {n: np.asarray(v) for n, v in state_dict.items()}
 
 
+def _few(names: list[str], limit: int = 8) -> str:
+    return str(names) if len(names) <= limit else f'{names[:limit]} and {len(names) - limit} more'
+
+
 def params_from_torch(state_dict: Mapping[str, Any], cfg: model_lib.JiTConfig) -> dict[tuple, np.ndarray]:
     """Flat {our path: array} in the unscanned layout, after checking names and shapes against `cfg`."""
     weights = strip_prefix(state_dict)
@@ -118,8 +123,8 @@ def params_from_torch(state_dict: Mapping[str, Any], cfg: model_lib.JiTConfig) -
     expected = {name for name, _, _ in rules} | {'pos_embed'}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
-        raise KeyError(f'state_dict does not match the JiT config {cfg}: missing keys {missing}, '
-                       f'unexpected keys {unexpected}')
+        raise KeyError(f'state_dict does not match the JiT config {cfg}: missing keys {_few(missing)}, '
+                       f'unexpected keys {_few(unexpected)}')
     want = (1, cfg.num_patches, cfg.hidden_size)
     if weights['pos_embed'].shape != want:
         raise ValueError(f"state_dict['pos_embed'] has shape {weights['pos_embed'].shape}; expected {want}")
@@ -189,32 +194,62 @@ def config_from_args(args: Any, preset: str | None) -> model_lib.JiTConfig:
     return model_lib.preset(name, **overrides)
 
 
-def convert_checkpoint(torch_checkpoint: pathlib.Path, out: pathlib.Path, preset: str | None = None) -> list[str]:
-    """Write `out` as an Orbax checkpoint: params, EMA copies found in the file, and the model config."""
+def load_torch_checkpoint(path: pathlib.Path) -> dict:
+    """torch.load of an official .pth (torch imported only here: it is needed for nothing else)."""
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-        raise SystemExit('reading a PyTorch checkpoint needs torch: pip install torch (CPU build is enough)') from e
+        raise SystemExit('reading a PyTorch checkpoint needs torch: pip install torch (the CPU build is '
+                         'enough)') from e
+    if not path.is_file():
+        raise FileNotFoundError(f'--torch-checkpoint {path}: no such file')
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, 'detach'):  # a torch tensor
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, np.float32)
+
+
+def convert_checkpoint(blob: Mapping[str, Any], out: pathlib.Path, preset: str | None = None) -> list[str]:
+    """Write `out` as an Orbax checkpoint of an official checkpoint dict (as torch.load returns it).
+
+    Items: `params` (from 'model'), `ema1` / `ema2` when present, and `meta` with the model config, so
+    `load_converted` rebuilds the network without being told its shape. A bare state_dict works too.
+    """
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    if not torch_checkpoint.is_file():
-        raise FileNotFoundError(f'--torch-checkpoint {torch_checkpoint}: no such file')
-    blob = torch.load(torch_checkpoint, map_location='cpu', weights_only=False)
-    if not any(k in blob for k in _TORCH_CHECKPOINT_KEYS):  # a bare state_dict
+    if not any(k in blob for k in _TORCH_CHECKPOINT_KEYS):
         blob = {'model': blob}
     cfg = config_from_args(blob.get('args'), preset)
     items = {}
     for key, name in _TORCH_CHECKPOINT_KEYS.items():
         if key in blob:
-            weights = {k: v.detach().float().numpy() for k, v in blob[key].items()}
-            items[name] = nnx.state(model_from_torch(weights, cfg), nnx.Param)
-    meta = {'model_config': dataclasses.asdict(cfg), 'source': str(torch_checkpoint),
-            'epoch': int(blob['epoch']) if 'epoch' in blob else None}
-    with ocp.CheckpointManager(out.resolve()) as manager:
+            weights = {k: _to_numpy(v) for k, v in blob[key].items()}
+            items[name] = nnx.to_pure_dict(nnx.state(model_from_torch(weights, cfg), nnx.Param))
+    meta = {'model_config': dataclasses.asdict(cfg), 'epoch': int(blob['epoch']) if 'epoch' in blob else None}
+    with ocp.CheckpointManager(pathlib.Path(out).resolve()) as manager:
         manager.save(0, args=ocp.args.Composite(
             **{k: ocp.args.StandardSave(v) for k, v in items.items()}, meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
     return sorted(items)
+
+
+def load_converted(directory: str | pathlib.Path, which: str = 'ema1') -> model_lib.JiT:
+    """The network stored by `convert_checkpoint` ('params', 'ema1' or 'ema2' weights)."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    with ocp.CheckpointManager(pathlib.Path(directory).resolve()) as manager:
+        meta = manager.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        cfg = model_lib.JiTConfig(**meta['model_config'])
+        abstract = nnx.eval_shape(lambda: model_lib.JiT(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
+        if which not in manager.item_metadata(0):
+            raise KeyError(f'{directory} holds no {which!r} weights; it has {sorted(manager.item_metadata(0))}')
+        params = manager.restore(0, args=ocp.args.Composite(**{which: ocp.args.StandardRestore(target)}))[which]
+    return nnx.merge(graphdef, params)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--out', type=pathlib.Path, required=True)
     parser.add_argument('--preset', default=None, help='e.g. JiT-B/16; default: args.model stored in the file')
     args = parser.parse_args(argv)
-    written = convert_checkpoint(args.torch_checkpoint, args.out, args.preset)
+    written = convert_checkpoint(load_torch_checkpoint(args.torch_checkpoint), args.out, args.preset)
     print(json.dumps({'out': str(args.out), 'items': written}))
 
 

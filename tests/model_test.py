@@ -250,3 +250,42 @@ def test_round_trip_to_torch_layout():
     assert set(back) == set(ref['params']) - {'pos_embed'}
     for name, value in back.items():
         np.testing.assert_array_equal(value, ref['params'][name], err_msg=name)
+
+
+def test_checkpoint_conversion_round_trip(tmp_path):
+    """An official training checkpoint dict -> Orbax -> the same network (model and EMA weights)."""
+    ref = load_golden('model_forward_noctx')
+    cfg = ref['config']
+    args = {'model': 'JiT-B/16', 'img_size': cfg['input_size'], 'class_num': cfg['num_classes']}
+    shrink = {k: cfg[k] for k in ('patch_size', 'hidden_size', 'depth', 'num_heads', 'bottleneck_dim',
+                                  'in_context_len', 'in_context_start', 'mlp_ratio')}
+    ema = {k: v * 0.5 for k, v in ref['params'].items()}
+    blob = {'model': {f'net.{k}': v for k, v in ref['params'].items()}, 'model_ema1': ema, 'epoch': 7,
+            'args': args}
+    with pytest.raises(KeyError, match=r'missing keys .* and \d+ more'):  # args.model says B/16: 12 blocks
+        convert.convert_checkpoint(blob, tmp_path / 'wrong')
+    import jit_jax.model as model_lib
+    original = model_lib.PRESETS['JiT-B/16']
+    try:
+        model_lib.PRESETS['JiT-B/16'] = dataclasses.replace(original, **shrink)
+        assert convert.convert_checkpoint(blob, tmp_path / 'ok') == ['ema1', 'params']
+    finally:
+        model_lib.PRESETS['JiT-B/16'] = original
+    net = convert.load_converted(tmp_path / 'ok', 'params')
+    np.testing.assert_allclose(forward(net, nhwc(ref['x']), ref['t'], ref['y']), nhwc(ref['out']),
+                               rtol=1e-5, atol=1e-5)
+    half = convert.load_converted(tmp_path / 'ok', 'ema1')
+    np.testing.assert_allclose(half.final_layer.linear.kernel[...], 0.5 * net.final_layer.linear.kernel[...])
+    with pytest.raises(KeyError, match="no 'ema2' weights"):
+        convert.load_converted(tmp_path / 'ok', 'ema2')
+
+
+def test_converter_needs_torch_only_for_pth_files(tmp_path):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match='pip install torch'):
+            convert.load_torch_checkpoint(tmp_path / 'missing.pth')
+    else:
+        with pytest.raises(FileNotFoundError, match='missing.pth'):
+            convert.load_torch_checkpoint(tmp_path / 'missing.pth')
