@@ -9,30 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from toynet import ToyNet
 from conftest import load_golden, nhwc, rel_err
 from jit_jax import convert, diffusion
 
 SPACES = ('x', 'eps', 'v')
 T_EPS = 0.05
-
-
-class ToyNet(nnx.Module):
-    """out = tanh(z @ mix + emb[y] + t * t_w): a cheap stand-in for JiT that depends on z, t and y."""
-
-    def __init__(self, channels: int = 3, num_classes: int = 5, *, seed: int = 0, out_dtype=jnp.float32):
-        k_mix, k_emb, k_t = jax.random.split(jax.random.key(seed), 3)
-        self.num_classes = num_classes
-        self.out_dtype = out_dtype
-        self.mix = nnx.Param(0.5 * jax.random.normal(k_mix, (channels, channels)))
-        self.emb = nnx.Param(jax.random.normal(k_emb, (num_classes + 1, channels)))
-        self.t_w = nnx.Param(jax.random.normal(k_t, (channels,)))
-
-    def __call__(self, z, t, y, *, dropout_key=None):
-        h = (jnp.einsum('bhwc,cd->bhwd', z, self.mix[...]) + self.emb[...][y][:, None, None, :]
-             + t[:, None, None, None] * self.t_w[...])
-        if dropout_key is not None:  # stands in for dropout: the output must depend on the key
-            h = h + 0.1 * jax.random.normal(dropout_key, h.shape)
-        return jnp.tanh(h).astype(self.out_dtype)
 
 
 def toy_numpy(net: ToyNet, z, t, y) -> np.ndarray:

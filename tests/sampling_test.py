@@ -8,29 +8,11 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from toynet import ToyNet
 from conftest import load_golden, nhwc
 from jit_jax import convert, sampling
 
 SPACES = ('x', 'eps', 'v')
-
-
-class ToyNet(nnx.Module):
-    """out = tanh(z @ mix + emb[y] + t * t_w); optionally reports each call's (batch, max t) to the host."""
-
-    def __init__(self, channels: int = 3, num_classes: int = 5, *, seed: int = 0, calls: list | None = None):
-        k_mix, k_emb, k_t = jax.random.split(jax.random.key(seed), 3)
-        self.num_classes = num_classes
-        self.calls = calls
-        self.mix = nnx.Param(0.5 * jax.random.normal(k_mix, (channels, channels)))
-        self.emb = nnx.Param(jax.random.normal(k_emb, (num_classes + 1, channels)))
-        self.t_w = nnx.Param(jax.random.normal(k_t, (channels,)))
-
-    def __call__(self, z, t, y, *, dropout_key=None):
-        if self.calls is not None:
-            jax.debug.callback(lambda n, t_max: self.calls.append((int(n), float(t_max))), y.shape[0], t.max())
-        h = (jnp.einsum('bhwc,cd->bhwd', z, self.mix[...]) + self.emb[...][y][:, None, None, :]
-             + t[:, None, None, None] * self.t_w[...])
-        return jnp.tanh(h)
 
 
 def toy_numpy(net: ToyNet, z, t, y) -> np.ndarray:
