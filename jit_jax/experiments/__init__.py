@@ -1,0 +1,1 @@
+"""Small experiments that reproduce claims of the JiT paper at toy scale."""

@@ -1,0 +1,145 @@
+"""Tests for the toy experiment (jit_jax.experiments.toy): data, projection, metrics, sampler, and a
+reduced end-to-end run that must show the paper's effect (x-pred beats eps-pred at D=512)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jit_jax.experiments import toy
+
+# The smoke run's required gap between eps-pred and x-pred at D=512 (manifold_distance and off_manifold
+# ratios). Measured with `--quick` on seeds 0, 1, 2, 3: x-pred 0.12-0.18 and eps-pred 57-59
+# (ratios 320-480x; off_manifold 0.20 vs ~1070), so 10x cannot flake yet fails if eps-pred worked:
+# at D=2, where eps-pred does work, the two are within 2x of each other.
+QUICK_MARGIN = 10.0
+
+
+@pytest.mark.parametrize('dim', [2, 8, 16, 512])
+def test_projection_is_column_orthogonal_and_round_trips(dim):
+    proj = toy.projection(dim, seed=0)
+    assert proj.shape == (dim, 2) and proj.dtype == np.float32
+    np.testing.assert_allclose(proj.T @ proj, np.eye(2), atol=1e-6)
+    x2 = np.asarray(toy.sample_spiral(jax.random.key(1), 256))
+    back = np.asarray(toy.unembed(toy.embed(jnp.asarray(x2), jnp.asarray(proj)), jnp.asarray(proj)))
+    np.testing.assert_allclose(back, x2, atol=1e-5)
+
+
+def test_projection_is_fixed_by_seed_and_differs_across_seeds():
+    np.testing.assert_array_equal(toy.projection(16, seed=3), toy.projection(16, seed=3))
+    assert not np.allclose(toy.projection(16, seed=3), toy.projection(16, seed=4))
+
+
+def test_spiral_is_a_bounded_curve_with_unit_scale():
+    x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 4000))
+    radius = np.linalg.norm(x2, axis=1)
+    # r grows linearly with theta from THETA_MIN to THETA_MAX and ends at SPIRAL_RADIUS.
+    assert radius.max() <= toy.SPIRAL_RADIUS + 1e-5
+    assert radius.min() >= toy.SPIRAL_RADIUS * toy.THETA_MIN / toy.THETA_MAX - 1e-5
+    assert 0.6 < x2.std() < 1.5  # about the scale of N(0, 1) noise, like images in [-1, 1]
+    curve = toy.reference_curve(20000)
+    np.testing.assert_allclose(curve[0], [-toy.SPIRAL_RADIUS * toy.THETA_MIN / toy.THETA_MAX, 0.0],
+                               atol=1e-5)
+    np.testing.assert_allclose(curve[-1], [toy.SPIRAL_RADIUS, 0.0], atol=1e-5)
+
+
+def test_metrics_are_near_zero_for_true_samples():
+    dim = 512
+    proj = toy.projection(dim, seed=0)
+    curve = toy.reference_curve(20000)
+    x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 2000))
+    other = np.asarray(toy.sample_spiral(jax.random.key(1), 2000))
+    xd = np.asarray(toy.embed(jnp.asarray(x2), jnp.asarray(proj)))
+    assert toy.off_manifold(xd, proj) < 1e-5
+    assert toy.manifold_distance(x2, curve) < 2e-3  # the curve's point spacing is ~6e-4
+    assert toy.sliced_w1(x2, x2, 512, seed=0) == 0.0
+    assert toy.sliced_w1(x2, other, 512, seed=0) < 0.1  # two draws of the same law: sampling noise only
+
+
+def test_metrics_are_large_for_noise():
+    dim = 512
+    proj = toy.projection(dim, seed=0)
+    curve = toy.reference_curve(20000)
+    true = np.asarray(toy.sample_spiral(jax.random.key(0), 2000))
+    noise = np.random.default_rng(0).standard_normal((2000, dim)).astype(np.float32)
+    noise2 = noise @ proj
+    assert toy.manifold_distance(noise2, curve) > 0.15
+    assert toy.sliced_w1(noise2, true, 512, seed=0) > 0.2
+    # Gaussian noise has D - 2 orthogonal dimensions of unit variance: norm ~ sqrt(D - 2).
+    assert abs(toy.off_manifold(noise, proj) - math.sqrt(dim - 2)) < 0.5
+
+
+def test_sliced_w1_of_a_shift_is_its_mean_projection():
+    """W1 between a set and its translate by s is |s . u| per direction; averaged over uniform angles
+    that is |s| * 2 / pi: checks the sorting, the direction sampling and the averaging at once."""
+    x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 1000))
+    shift = np.array([0.3, -0.4])
+    got = toy.sliced_w1(x2, x2 + shift, 4096, seed=0)
+    assert got == pytest.approx(0.5 * 2 / math.pi, rel=0.02)
+
+
+class _Oracle(nnx.Module):
+    """The exact x- or v-prediction for a point mass at `point`: the ODE must carry all noise onto it."""
+
+    def __init__(self, point: np.ndarray, pred: str):
+        self.point = nnx.Variable(jnp.asarray(point))
+        self.pred = pred
+
+    def __call__(self, z: jax.Array, t: jax.Array) -> jax.Array:
+        x = jnp.broadcast_to(self.point[...], z.shape)
+        if self.pred == 'x':
+            return x
+        return (x - z) / (1.0 - t)  # v = x - e with e = (z - t x) / (1 - t); never called at t = 1
+
+
+@pytest.mark.parametrize('pred', ['x', 'v'])
+@pytest.mark.parametrize('solver', ['euler', 'heun'])
+def test_sampler_transports_noise_onto_a_point_mass(pred, solver):
+    point = np.array([0.5, -1.0, 2.0], np.float32)
+    noise = jax.random.normal(jax.random.key(0), (64, 3))
+    out = toy.sample_ode(_Oracle(point, pred), noise, pred=pred, solver=solver, num_steps=10, t_eps=0.05)
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(point, (64, 3)), atol=1e-4)
+
+
+def test_settings_validation_names_the_flag():
+    with pytest.raises(ValueError, match='--preds'):
+        toy.ToySettings(preds=('x', 'z')).validate()
+    with pytest.raises(ValueError, match='--loss'):
+        toy.ToySettings(loss='score').validate()
+    with pytest.raises(ValueError, match='--dims'):
+        toy.ToySettings(dims=(1,)).validate()
+
+
+def test_quick_run_shows_x_pred_beats_eps_pred_at_high_dim(tmp_path):
+    """The end-to-end command on a reduced grid: x-pred must recover the spiral at D=512 while
+    eps-pred does not, and both outputs must have the documented form."""
+    from PIL import Image
+
+    assert toy.main(['--out', str(tmp_path), '--quick', '--seed', '0']) == 0
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert set(results) == {'settings', 'cells'}
+    settings = results['settings']
+    assert settings['dims'] == [2, 512] and settings['preds'] == ['x', 'eps'] and settings['seed'] == 0
+    for field in ('loss', 'steps', 'batch_size', 'lr', 't_dist', 'solver', 'solver_steps', 'num_samples'):
+        assert field in settings, field
+    assert len(results['cells']) == 4
+    for cell in results['cells']:
+        assert set(cell) == {'D', 'pred', 'manifold_distance', 'sliced_w1', 'off_manifold'}
+        assert isinstance(cell['D'], int) and cell['pred'] in ('x', 'eps')
+    by_key = {(c['D'], c['pred']): c for c in results['cells']}
+    x_cell, eps_cell = by_key[(512, 'x')], by_key[(512, 'eps')]
+    assert x_cell['manifold_distance'] < 0.5, x_cell  # x-pred lands on (or near) the spiral
+    assert eps_cell['manifold_distance'] > QUICK_MARGIN * x_cell['manifold_distance'], (x_cell, eps_cell)
+    assert eps_cell['off_manifold'] > QUICK_MARGIN * x_cell['off_manifold'], (x_cell, eps_cell)
+    assert by_key[(2, 'x')]['off_manifold'] < 1e-4  # at D=2 there is no orthogonal complement
+
+    with Image.open(tmp_path / 'toy.png') as img:
+        img.verify()
+    with Image.open(tmp_path / 'toy.png') as img:
+        assert img.format == 'PNG' and img.size[0] > 200 and img.size[1] > 200
