@@ -123,6 +123,7 @@ def base() -> config_dict.ConfigDict:
     model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (= JAX picks), 'xla', 'cudnn'
     model.scan_blocks = False  # lax.scan over stacked blocks: compile time independent of depth
     model.remat = 'none'  # activation checkpointing per block: 'none' | 'block' | 'dots'
+    model.custom_vjp = True  # hand-written backward passes (same forward; fewer saved activations, faster)
 
     # ---- diffusion: the training objective (jit_jax.diffusion.FlowSpec); t = 1 is clean data
     config.diffusion = diffusion = config_dict.ConfigDict()
@@ -278,6 +279,7 @@ def _model_fields(config: config_dict.ConfigDict) -> dict[str, Any]:
         attention_impl=m.attention_impl or None,
         scan_blocks=m.scan_blocks,
         remat=m.remat,
+        custom_vjp=m.custom_vjp,
     )
     if fields['bottleneck_dim'] == 0:  # 'full': as wide as a patch, i.e. no rank reduction
         fields['bottleneck_dim'] = fields['patch_size'] ** 2 * fields['in_channels']

@@ -1,0 +1,488 @@
+"""python -m jit_jax.bench {train,forward,sample}: how close one device comes to its own matmul peak.
+
+    python -m jit_jax.bench train --model JiT-B/16 --image-size 256 --batch-size 4 --steps 5 --json /tmp/t.json
+    python -m jit_jax.bench forward --config configs/default.py --dtype bfloat16
+    python -m jit_jax.bench sample --model JiT-B/16 --batch-size 1 --num-sampling-steps 50
+    python -m jit_jax.bench train --smoke          # tiny model, 3 steps: checks the plumbing in seconds
+
+Each run reports compile time, the median / min / max step time over `--steps` timed runs after
+`--warmup` untimed ones, images/s, tokens/s, model FLOPs per step (analytic from `model.forward_macs`,
+with XLA's cost analysis of the compiled program beside it), achieved FLOP/s and utilisation. The
+utilisation is a ratio to a dense `jnp.dot` measured in the same process on the same device in the
+compute dtype, not to a datasheet number: on a shared 2-core CPU the attainable peak moves with the
+clock and the neighbours, and a ratio taken minutes apart would mix two machines.
+
+What each mode times (always through the code a run uses, never a re-implementation):
+
+* train: `train.Trainer`'s jitted step (forward + backward + AdamW + both EMAs, donated state).
+  Analytic FLOPs = 3 x forward (the backward is two matmuls per forward matmul).
+* forward: a jitted `model(x, t, y)` call.
+* sample: `sampling.sample` (Heun 50 steps, CFG 3.0 on [0.1, 1] by default). Analytic FLOPs count the
+  network forwards actually run: 2B rows where guidance is on, B rows where the unconditional pass is
+  skipped. The official sampler always runs 2B rows, 198 image-forwards per image at Heun 50.
+
+Memory: XLA's `memory_analysis()` of the compiled program (arguments, outputs, temporaries), the
+device's `peak_bytes_in_use` where the backend reports it (GPU / TPU; the CPU client reports nothing),
+and on CPU the process's maximum resident set size.
+
+The machine load (1-minute average) is recorded before and after: figures taken while other jobs run
+are not comparable, and the report says so instead of leaving it to the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import config_dict
+
+from jit_jax import config_lib, sampling, sharding, train
+from jit_jax import model as model_lib
+
+MODES = ('train', 'forward', 'sample')
+# Official Heun sampler: every one of its (2 * steps - 1) evaluations runs the cond and uncond passes.
+BUSY_LOAD = 1.3  # 1-minute load above which a 2-core machine is not measuring us alone
+
+
+def _log(msg: str) -> None:
+    print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _load_config_file(spec: str) -> config_dict.ConfigDict:
+    """configs/x.py[:overrides] -> its get_config(overrides), as jit_jax.main would build it."""
+    path, _, arg = spec.partition(':')
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f'--config {path}: no such file')
+    module_spec = importlib.util.spec_from_file_location(f'_bench_config_{file.stem}', file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ValueError(f'--config {path}: the file defines no get_config(arg)')
+    return module.get_config(arg or None)
+
+
+def _smoke_config() -> config_dict.ConfigDict:
+    """A tiny model (32 px, 16 tokens, width 64, 2 blocks, 2 class tokens, Heun 4 steps): seconds to run."""
+    config = config_lib.base()
+    m = config.model
+    m.preset = ''
+    m.patch_size, m.hidden_size, m.depth, m.num_heads, m.mlp_ratio = 8, 64, 2, 4, 4.0
+    m.bottleneck_dim, m.in_context_len, m.in_context_start = 16, 2, 1
+    m.attn_drop, m.proj_drop = 0.0, 0.0
+    m.dtype = 'float32'
+    config.data.image_size = 32
+    config.data.num_classes = 10
+    config.data.global_batch_size = 2
+    config.sampler.num_steps = 4  # Heun: 7 guided evaluations
+    return config
+
+
+def build_config(args: argparse.Namespace) -> config_dict.ConfigDict:
+    """The ConfigDict the bench runs: --smoke, --config FILE or --model PRESET, then the flag overrides."""
+    if args.smoke:
+        config = _smoke_config()
+    elif args.config:
+        config = _load_config_file(args.config)
+    else:
+        config = config_lib.base()
+        config.model.preset = args.model
+        config.model.dtype = 'float32'  # the CPU comparison point; --dtype bfloat16 for the paper's setting
+        config.data.image_size = model_lib.preset(args.model).input_size
+    if args.image_size is not None:
+        config.data.image_size = args.image_size
+    if args.batch_size is not None:
+        config.data.global_batch_size = args.batch_size
+    if args.dtype is not None:
+        config.model.dtype = args.dtype
+    if args.scan is not None:
+        config.model.scan_blocks = args.scan
+    if args.remat is not None:
+        config.model.remat = args.remat
+    if args.attention_impl is not None:
+        config.model.attention_impl = '' if args.attention_impl == 'none' else args.attention_impl
+    if args.custom_vjp is not None:
+        config.model.custom_vjp = args.custom_vjp
+    for override in args.override or []:
+        config_lib.apply_overrides(config, override)
+    config.optim.grad_accum_steps = args.grad_accum if args.grad_accum else config.optim.grad_accum_steps
+    config.mesh.data, config.mesh.fsdp = args.num_devices, 1
+    config.mesh.param_sharding = 'replicate'
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def _timed_runs(run: Callable[[], Any], warmup: int, steps: int, label: str) -> list[float]:
+    """Wall time of each of `steps` runs after `warmup` untimed ones; every run waits for its results."""
+    for i in range(warmup):
+        jax.block_until_ready(run())
+        _log(f'{label}: warm-up {i + 1}/{warmup} done')
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+        _log(f'{label}: timed run {i + 1}/{steps}: {times[-1] * 1e3:.1f} ms')
+    return times
+
+
+def matmul_peak(dtype: str, size: int, repeats: int = 5, device: jax.Device | None = None) -> dict:
+    """FLOP/s of a dense size^3 jnp.dot in `dtype` on `device`: the same-process reference for utilisation.
+
+    Median of `repeats` after one warm-up; big enough (>= 2048 on a CPU) that the library's blocking
+    reaches its steady state, and the same dtype as the model's matmuls so that bf16 is compared to bf16.
+    """
+    device = device or jax.devices()[0]
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype), device)
+    b = jax.device_put(jax.random.normal(key_b, (size, size), jnp.float32).astype(dtype), device)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * size ** 3
+    return {'dtype': dtype, 'size': size, 'repeats': repeats, 'median_s': float(np.median(times)),
+            'flops_per_s': flops / float(np.median(times)), 'best_flops_per_s': flops / min(times)}
+
+
+def _xla_costs(compiled: Any) -> dict:
+    """FLOPs and bytes from XLA's cost analysis (a while loop's body is counted once, whatever its trips)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # pylint: disable=broad-except
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {'flops': float(cost.get('flops', float('nan'))),
+            'bytes_accessed': float(cost.get('bytes accessed', float('nan')))}
+
+
+def _memory(compiled: Any, device: jax.Device) -> dict:
+    """Compiled-program sizes, the backend's peak (if it keeps one) and the host's max RSS."""
+    out: dict[str, Any] = {}
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # pylint: disable=broad-except
+        analysis = None
+    if analysis is not None:
+        for name in ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+                     'temp_size_in_bytes', 'generated_code_size_in_bytes'):
+            out[name.replace('_in_bytes', '_bytes')] = int(getattr(analysis, name, 0))
+        # Donated inputs alias outputs: counting both would double the state.
+        out['program_peak_bytes'] = (out['argument_size_bytes'] + out['output_size_bytes']
+                                     - out['alias_size_bytes'] + out['temp_size_bytes'])
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+        pass
+    out['device_peak_bytes_in_use'] = int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats \
+        else None
+    out['host_max_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return out
+
+
+def _stats(times: list[float]) -> dict:
+    return {'median_s': float(np.median(times)), 'min_s': float(min(times)), 'max_s': float(max(times)),
+            'runs_s': [float(t) for t in times]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The three benchmarks. Each returns (compiled program, a zero-argument run callable, per-step facts).
+
+
+def _random_inputs(cfg: model_lib.JiTConfig, batch: int, seed: int = 0):
+    k_x, k_t, k_y = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k_x, (batch, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+    t = jax.random.uniform(k_t, (batch,), jnp.float32)
+    y = jax.random.randint(k_y, (batch,), 0, cfg.num_classes + 1, jnp.int32)
+    return x, t, y
+
+
+def _model_state(cfg: model_lib.JiTConfig, seed: int = 0):
+    """A model with every parameter drawn at random (the official init zeroes adaLN and the output layer,
+    which would make the sampler's trajectories trivially equal)."""
+    graphdef, state = nnx.split(model_lib.JiT(cfg, rngs=nnx.Rngs(params=seed)))
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [a + 0.02 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return graphdef, jax.tree.unflatten(treedef, leaves)
+
+
+def setup_train(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh):
+    trainer = train.Trainer(config, mesh=mesh)
+    cfg = trainer.model_config
+    batch_size = config.data.global_batch_size
+    x, _, y = _random_inputs(cfg, batch_size)
+    batch = sharding.global_batch({'image': np.asarray(jnp.clip(x, -1, 1)),
+                                   'label': np.asarray(y % cfg.num_classes)}, mesh)
+    with jax.set_mesh(mesh):
+        state = trainer.init()
+        start = time.perf_counter()
+        compiled = trainer.step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+    holder = {'state': state}
+
+    def run():
+        # The state is donated: each step consumes the previous one, exactly as the train loop does.
+        with jax.set_mesh(mesh):
+            holder['state'], metrics = compiled(holder['state'], batch)
+        return metrics
+
+    facts = {'images_per_step': batch_size, 'image_forwards_per_step': batch_size,
+             'flops_per_step': 3 * 2 * model_lib.forward_macs(cfg) * batch_size,
+             'flops_note': '3 x forward (forward + 2 x backward matmuls) per image'}
+    return cfg, compiled, compile_s, run, facts
+
+
+def setup_forward(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh):
+    cfg = config_lib.model_config(config)
+    batch_size = config.data.global_batch_size
+    device = mesh.devices.flat[0]
+    graphdef, state = _model_state(cfg)
+    state = jax.device_put(state, device)
+    x, t, y = jax.device_put(_random_inputs(cfg, batch_size), device)
+    forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))
+    start = time.perf_counter()
+    compiled = forward.lower(state, x, t, y).compile()
+    compile_s = time.perf_counter() - start
+    facts = {'images_per_step': batch_size, 'image_forwards_per_step': batch_size,
+             'flops_per_step': 2 * model_lib.forward_macs(cfg) * batch_size, 'flops_note': '1 forward per image'}
+    return cfg, compiled, compile_s, lambda: compiled(state, x, t, y), facts
+
+
+def forwards_run(spec: sampling.SamplerSpec, batch: int, skip_uncond: bool) -> tuple[int, int, int]:
+    """(evaluations, image-forwards run by our sampler, image-forwards of the official sampler)."""
+    plan = sampling.schedule(spec)
+    run = 0
+    for t in plan.t:
+        guided = spec.cfg_scale != 1.0 and float(sampling.guidance_weight(t, spec)) != 1.0
+        run += 2 * batch if (guided or not skip_uncond) else batch
+    return len(plan.t), run, 2 * len(plan.t) * batch
+
+
+def setup_sample(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, args: argparse.Namespace):
+    cfg = config_lib.model_config(config)
+    batch_size = config.data.global_batch_size
+    device = mesh.devices.flat[0]
+    graphdef, state = _model_state(cfg)
+    state = jax.device_put(state, device)
+    s = config.sampler
+    spec = sampling.SamplerSpec(
+        method=args.method or s.method, num_steps=args.num_sampling_steps or s.num_steps,
+        cfg_scale=s.cfg_scale if args.cfg is None else args.cfg,
+        interval_min=s.interval_min if args.interval_min is None else args.interval_min,
+        interval_max=s.interval_max if args.interval_max is None else args.interval_max,
+        t_eps=config.diffusion.t_eps, pred=config.diffusion.pred)
+    skip = not args.no_skip_uncond
+    noise = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, cfg.input_size, cfg.input_size,
+                                                                  cfg.in_channels)), device)
+    labels = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32) % cfg.num_classes, device)
+
+    def generate(s_, noise_, labels_):
+        return sampling.sample(nnx.merge(graphdef, s_), noise_, labels_, method=spec.method,
+                               num_steps=spec.num_steps, cfg_scale=spec.cfg_scale, interval_min=spec.interval_min,
+                               interval_max=spec.interval_max, t_eps=spec.t_eps, pred=spec.pred, skip_uncond=skip)
+
+    start = time.perf_counter()
+    compiled = jax.jit(generate).lower(state, noise, labels).compile()
+    compile_s = time.perf_counter() - start
+    evaluations, run_fwd, official_fwd = forwards_run(spec, batch_size, skip)
+    facts = {'images_per_step': batch_size, 'image_forwards_per_step': run_fwd,
+             'flops_per_step': 2 * model_lib.forward_macs(cfg) * run_fwd,
+             'flops_note': 'network forwards actually run (2B rows where CFG is on, B where uncond is skipped)',
+             'sampler': {**dataclasses.asdict(spec), 'skip_uncond': skip, 'evaluations': evaluations,
+                         'image_forwards': run_fwd, 'official_image_forwards': official_fwd,
+                         'forwards_per_image': run_fwd / batch_size,
+                         'official_forwards_per_image': official_fwd / batch_size,
+                         'official_flops_per_step': 2 * model_lib.forward_macs(cfg) * official_fwd}}
+    return cfg, compiled, compile_s, lambda: compiled(state, noise, labels), facts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    load_start = os.getloadavg()[0]
+    if load_start > BUSY_LOAD:
+        _log(f'WARNING: 1-minute load is {load_start:.2f} (> {BUSY_LOAD}): other jobs share the CPU; '
+             'timings will be pessimistic')
+    config = build_config(args)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:args.num_devices])
+    device = mesh.devices.flat[0]
+    _log(f'{args.mode}: {args.config or ("smoke" if args.smoke else args.model)}, batch '
+         f'{config.data.global_batch_size}, {config.data.image_size} px, dtype {config.model.dtype}, '
+         f'scan {config.model.scan_blocks}, remat {config.model.remat}, devices {mesh.devices.size} '
+         f'({device.platform})')
+
+    peak_size = args.peak_size or (512 if args.smoke else 2048)
+    _log(f'measuring the {config.model.dtype} matmul peak ({peak_size}^3)')
+    peak = matmul_peak(config.model.dtype, peak_size, device=device)
+    _log(f'peak {peak["flops_per_s"] / 1e9:.1f} GFLOP/s')
+
+    _log('compiling')
+    if args.mode == 'train':
+        cfg, compiled, compile_s, run, facts = setup_train(config, mesh)
+    elif args.mode == 'forward':
+        cfg, compiled, compile_s, run, facts = setup_forward(config, mesh)
+    else:
+        cfg, compiled, compile_s, run, facts = setup_sample(config, mesh, args)
+    _log(f'compiled in {compile_s:.1f} s')
+
+    warmup = args.warmup if args.warmup is not None else (0 if args.mode == 'sample' else 1)
+    steps = args.steps or (3 if args.smoke else (1 if args.mode == 'sample' else 5))
+    times = _timed_runs(run, warmup, steps, args.mode)
+    step = _stats(times)
+    per_step = step['median_s']
+    peak_after = matmul_peak(config.model.dtype, peak_size, device=device) if args.peak_after else None
+
+    num_devices = mesh.devices.size
+    achieved = facts['flops_per_step'] / per_step / num_devices
+    images_per_s = facts['images_per_step'] / per_step
+    result = {
+        'mode': args.mode,
+        'model': args.config or ('smoke' if args.smoke else args.model),
+        'model_config': dataclasses.asdict(cfg),
+        'image_size': cfg.input_size, 'batch_size': config.data.global_batch_size,
+        'dtype': cfg.dtype, 'scan_blocks': cfg.scan_blocks, 'remat': cfg.remat,
+        'attention_impl': cfg.attention_impl,
+        'params': model_lib.param_count(cfg), 'forward_macs_per_image': model_lib.forward_macs(cfg),
+        'backend': device.platform, 'device_kind': device.device_kind, 'num_devices': num_devices,
+        'compile_s': compile_s, 'step': step, 'warmup_runs': warmup,
+        'images_per_s': images_per_s,
+        'tokens_per_s': facts['image_forwards_per_step'] * cfg.num_patches / per_step,
+        'flops_per_step': facts['flops_per_step'], 'flops_note': facts['flops_note'],
+        'xla_cost': _xla_costs(compiled),
+        'achieved_flops_per_s_per_device': achieved,
+        'peak_matmul': peak, 'peak_matmul_after': peak_after,
+        'utilisation': achieved / peak['flops_per_s'],
+        'memory': _memory(compiled, device),
+        'load_avg_1min': {'start': load_start, 'end': os.getloadavg()[0]},
+        'jax_version': jax.__version__,
+    }
+    if 'sampler' in facts:
+        sampler = facts['sampler']
+        # What the official sampler's speed would be at our forward utilisation: a like-for-like yardstick.
+        sampler['official_equivalent_utilisation'] = (sampler['official_flops_per_step'] / per_step
+                                                      / num_devices / peak['flops_per_s'])
+        result['sampler'] = sampler
+    return result
+
+
+def format_table(r: dict) -> str:
+    """Human-readable summary of one result."""
+    def g(x):
+        return f'{x / 1e9:.2f} G' if x is not None and not math.isnan(x) else 'n/a'
+
+    def mib(x):
+        return f'{x / 2 ** 20:.1f} MiB' if x is not None else 'n/a'
+
+    mem = r['memory']
+    rows = [
+        ('mode', r['mode']), ('model', f"{r['model']} ({r['params'] / 1e6:.1f}M params)"),
+        ('image size / batch', f"{r['image_size']} px / {r['batch_size']}"),
+        ('dtype / scan / remat / attention', f"{r['dtype']} / {r['scan_blocks']} / {r['remat']} / "
+                                             f"{r['attention_impl']}"),
+        ('device', f"{r['num_devices']} x {r['device_kind']} ({r['backend']})"),
+        ('compile', f"{r['compile_s']:.2f} s"),
+        ('step (median [min, max])', f"{r['step']['median_s'] * 1e3:.1f} ms "
+                                     f"[{r['step']['min_s'] * 1e3:.1f}, {r['step']['max_s'] * 1e3:.1f}] "
+                                     f"over {len(r['step']['runs_s'])} runs"),
+        ('images/s', f"{r['images_per_s']:.4g}"), ('tokens/s', f"{r['tokens_per_s']:.4g}"),
+        ('FLOPs/step analytic | XLA', f"{g(r['flops_per_step'])} | {g(r['xla_cost'].get('flops'))}"),
+        ('achieved FLOP/s per device', g(r['achieved_flops_per_s_per_device']) + 'FLOP/s'),
+        (f"matmul peak ({r['peak_matmul']['dtype']} {r['peak_matmul']['size']}^3)",
+         g(r['peak_matmul']['flops_per_s']) + 'FLOP/s'),
+        ('utilisation', f"{100 * r['utilisation']:.1f} %"),
+        ('program memory (args+out-alias+temp)', mib(mem.get('program_peak_bytes'))),
+        ('  temp', mib(mem.get('temp_size_bytes'))),
+        ('device peak_bytes_in_use', mib(mem.get('device_peak_bytes_in_use'))),
+        ('host max RSS', mib(mem.get('host_max_rss_bytes'))),
+        ('load (1 min) start / end', f"{r['load_avg_1min']['start']:.2f} / {r['load_avg_1min']['end']:.2f}"),
+    ]
+    if 'sampler' in r:
+        s = r['sampler']
+        rows += [('sampler', f"{s['method']} {s['num_steps']} steps, cfg {s['cfg_scale']} on "
+                             f"[{s['interval_min']}, {s['interval_max']}], skip_uncond {s['skip_uncond']}"),
+                 ('forwards per image (ours / official)',
+                  f"{s['forwards_per_image']:.0f} / {s['official_forwards_per_image']:.0f}"),
+                 ('official-equivalent utilisation', f"{100 * s['official_equivalent_utilisation']:.1f} %")]
+    width = max(len(k) for k, _ in rows)
+    return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m jit_jax.bench', description=__doc__.split('\n')[0])
+    parser.add_argument('mode', choices=MODES)
+    parser.add_argument('--model', default='JiT-B/16', help='preset name (ignored with --config / --smoke)')
+    parser.add_argument('--config', default=None, help='configs/x.py[:overrides] to bench instead of a preset')
+    parser.add_argument('--smoke', action='store_true', help='tiny model, 3 steps, small peak matmul')
+    parser.add_argument('--image-size', type=int, default=None)
+    parser.add_argument('--batch-size', type=int, default=None, help='global batch (default 4 for presets)')
+    parser.add_argument('--steps', type=int, default=None, help='timed runs (default 5; sample 1; smoke 3)')
+    parser.add_argument('--warmup', type=int, default=None, help='untimed runs after compile (default 1; sample 0)')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
+    parser.add_argument('--scan', action=argparse.BooleanOptionalAction, default=None, help='scan over blocks')
+    parser.add_argument('--remat', choices=('none', 'block', 'dots'), default=None)
+    parser.add_argument('--attention-impl', choices=('none', 'xla', 'cudnn'), default=None)
+    parser.add_argument('--custom-vjp', action=argparse.BooleanOptionalAction, default=None,
+                        help="the model's hand-written backward passes (JiTConfig.custom_vjp)")
+    parser.add_argument('--override', action='append', metavar='KEY=VALUE,...',
+                        help='config_lib.apply_overrides string, e.g. depth=4,ctx_start=1 (after the flags above)')
+    parser.add_argument('--grad-accum', type=int, default=None)
+    parser.add_argument('--num-devices', type=int, default=1, help='devices of the mesh (per-device figures)')
+    parser.add_argument('--peak-size', type=int, default=None, help='matmul size for the peak (default 2048)')
+    parser.add_argument('--peak-after', action='store_true', help='measure the peak again after the runs')
+    parser.add_argument('--method', choices=sampling.METHODS, default=None)
+    parser.add_argument('--num-sampling-steps', type=int, default=None)
+    parser.add_argument('--cfg', type=float, default=None)
+    parser.add_argument('--interval-min', type=float, default=None)
+    parser.add_argument('--interval-max', type=float, default=None)
+    parser.add_argument('--no-skip-uncond', action='store_true', help='always run both passes (official)')
+    parser.add_argument('--json', default=None, help='write the result here')
+    args = parser.parse_args(argv)
+    if args.batch_size is None and not args.config and not args.smoke:
+        args.batch_size = 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run_bench(args)
+    print(format_table(result), flush=True)
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        _log(f'wrote {path}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
