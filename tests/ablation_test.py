@@ -109,8 +109,8 @@ def test_quick_command_writes_finite_results(tmp_path):
         values = list(cell['mse'].values()) + [cell[k] for k in FIGURES]
         assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values), cell
         assert cell['mse_mean'] == pytest.approx(np.mean(list(cell['mse'].values())))
-    # Converted to x, an eps-prediction's error is amplified by (1 - t) / t: even untrained, the two
-    # cells must differ by far more than noise (measured: ~70x). Equal values would mean no conversion.
+    # Converted to x, an eps-prediction's error is amplified by (1 - t) / t: even untrained, the two cells
+    # must differ by far more than noise (measured: ~280x at t = 0.1). Equal values would mean no conversion.
     assert cells['eps-pred/v-loss/bn-full']['mse']['0.1'] > 10 * cells['x-pred/v-loss/bn-full']['mse']['0.1']
 
     table = (out / 'table.md').read_text()

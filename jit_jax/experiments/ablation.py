@@ -30,10 +30,12 @@ that need no downloaded network:
    * nn_label_acc: the fraction of samples whose nearest real neighbour has the requested class; a
      weak, background-dominated check that conditioning works, reported with its real baseline.
 
-    python -m jit_jax.experiments.ablation --out /tmp/ablation [--grid pred_loss|bottleneck|all]
-                                           [--steps N] [--quick]
+    python -m jit_jax.experiments.ablation --out /tmp/ablation [--grid pred_loss|bottleneck|all|lowdim]
+                                           [--steps N] [--quick] [--cells NAME,...] [--replot]
 
-writes results.json (every cell, every figure, the settings), table.md and ablation.png.
+writes results.json (every cell, every figure, the settings), table.md, ablation.png and samples.npz (the
+sample strips, so --replot can redraw without training). `--grid lowdim` is the control of Table 2b:
+48-d patches, narrower than the width, where eps- and v-prediction become reachable again.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ SWEEP_PREDS = ('x', 'eps')  # x-pred is the paper's sweep; eps-pred shows the co
 # eps-pred is swept only where x-pred should still work (paper: 16-32), plus full rank from the 3x3 grid:
 # one extra cell shows whether a bottleneck rescues or worsens it, the full sweep would cost four.
 CONTRAST_BOTTLENECKS = (16, 0)
-# 14 cells x 800 steps: ~25 min on 2 idle cores (a 1000-step cell measured 222 CPU-s all in), and the
-# 3x3 pattern is already clear at 400 steps; x-pred sample quality still improves up to 1000.
+# 14 cells x 800 steps took 40.5 min wall on 2 cores shared with other jobs (load ~7; 2070 CPU-s, so
+# roughly 20 min on 2 idle cores). The 3x3 pattern is already clear at 400 steps; x-pred sample quality
+# still improves up to 1000 (FD 9.5 at 400, 2.8 at 800, 1.6 at 1000 for x-pred / v-loss).
 DEFAULT_STEPS = 800
 
 # The paper's other half (Table 2b: 64 px, 48-d patches, all nine work), as a separate grid: patch 4 makes
@@ -658,7 +661,7 @@ def make_figure(results: dict, strips: dict[str, np.ndarray], path: pathlib.Path
                 image.paste(tile, (x, y))
         y += strip_h
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.save(path, optimize=True)
     return path
 
 
