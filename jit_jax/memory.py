@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -88,12 +89,20 @@ def _config(model: str | model_lib.JiTConfig, **overrides) -> model_lib.JiTConfi
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def _param_shapes(cfg: model_lib.JiTConfig) -> list[tuple[int, ...]]:
+def _param_shapes(cfg: model_lib.JiTConfig) -> tuple[tuple[int, ...], ...]:
+    """Parameter shapes (scan layout as configured); numerics options do not change them, so they share a
+    cache entry and max_batch's search builds each abstract model once."""
+    return _param_shapes_cached(dataclasses.replace(cfg, dtype='float32', remat='none', custom_vjp=True,
+                                                    attention_impl=None))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes_cached(cfg: model_lib.JiTConfig) -> tuple[tuple[int, ...], ...]:
     abstract = nnx.eval_shape(lambda: model_lib.JiT(cfg, rngs=nnx.Rngs(0)))
-    return [tuple(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param))]
+    return tuple(tuple(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-def _sharded_elements(shapes: list[tuple[int, ...]], fsdp: int) -> int:
+def _sharded_elements(shapes, fsdp: int) -> int:
     """Elements per device under sharding.state_shardings' fsdp rule (exactly the rule the trainer uses)."""
     total = 0
     for shape in shapes:
