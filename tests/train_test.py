@@ -88,7 +88,8 @@ def test_eight_devices_match_one(mode, data, fsdp, monkeypatch):
     monkeypatch.setattr(sharding, 'MIN_SHARDED_SIZE', 256)  # the tiny model's arrays are all small
     assert jax.device_count() == 8, 'tests run with 8 fake CPU devices (tests/conftest.py)'
     config = tiny_config(mesh__data=data, mesh__fsdp=fsdp, mesh__param_sharding=mode)
-    _, single, single_losses = _two_steps(config, sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1]))
+    one_device = tiny_config(mesh__data=1, mesh__fsdp=1, mesh__param_sharding=mode)
+    _, single, single_losses = _two_steps(one_device, sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1]))
     trainer, multi, multi_losses = _two_steps(config, None)
     assert trainer.mesh.devices.size == 8
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
