@@ -1,6 +1,6 @@
 """The flow-matching core of JiT: the noise path, x/eps/v conversions, t sampling and the loss.
 
-Conventions (paper and official code; see shared/REFERENCE.md section 1):
+Conventions (paper and official code):
 
 * t in [0, 1], t = 0 is pure noise and t = 1 is clean data (the reverse of many rectified-flow write-ups).
 * z_t = t * x + (1 - t) * e with e = noise_scale * N(0, I); the velocity is v = dz/dt = x - e.

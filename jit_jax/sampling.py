@@ -1,6 +1,6 @@
 """ODE sampling for JiT: Euler / Heun from t = 0 (noise) to t = 1 (data) with interval CFG.
 
-What the official `Denoiser.generate` does, and what we keep (shared/REFERENCE.md section 4):
+What the official `Denoiser.generate` does, and what we keep :
 
 * Grid t_i = linspace(0, 1, num_steps + 1) in float32, built with torch's CPU formula (from 0 for the
   first half, from 1 for the second half) so the float32 grid points, and therefore every strict

@@ -13,14 +13,14 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')  # parity tolerances assume exact fp32 matmuls
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'golden'
+GOLDEN = pathlib.Path(__file__).resolve().parent / 'golden'
 
 
 def load_golden(name: str) -> dict:
     """A golden .npz as a dict, with `config` parsed and `params` holding the state_dict (no `param/`)."""
     path = GOLDEN / f'{name}.npz'
     if not path.is_file():
-        raise FileNotFoundError(f'golden file {path} is missing (expected ../shared/golden next to the repo)')
+        raise FileNotFoundError(f'golden file {path} is missing (tests/golden ships with the repository)')
     with np.load(path) as data:
         out = {k: data[k] for k in data.files}
     out['config'] = json.loads(str(out.pop('config_json')))
