@@ -1,15 +1,15 @@
-"""Training data for jit_jax: Grain pipelines over synthetic shapes, converted image folders or TFDS.
+"""Training data for jit_jax: Grain pipelines over synthetic shapes, prepared ArrayRecord shards or TFDS.
 
-Names are imported lazily (PEP 562), so `python -m jit_jax.data.imagefolder` does not import the
-module twice (runpy warns about that) and the converter does not pay for importing Grain.
+Names are imported lazily (PEP 562), so `python -m jit_jax.data.prepare` does not import the
+module twice (runpy warns about that) and preparing data does not pay for importing Grain.
 """
 
 import importlib
 
 _EXPORTS = {
-    'ArrayRecordImages': 'imagefolder', 'adm_center_crop': 'imagefolder', 'convert': 'imagefolder',
-    'DEFAULTS': 'pipeline', 'make_train_dataset': 'pipeline', 'make_train_iterator': 'pipeline',
-    'resolve_fields': 'pipeline',
+    'ArrayRecordImages': 'arrayrecord', 'adm_center_crop': 'preprocess',
+    'FIELDS': 'pipeline', 'make_train_dataset': 'pipeline', 'make_train_iterator': 'pipeline',
+    'read_fields': 'pipeline',
     'SyntheticShapes': 'synthetic', 'intrinsic_dimension': 'synthetic',
 }
 __all__ = sorted(_EXPORTS)

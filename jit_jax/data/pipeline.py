@@ -5,9 +5,10 @@ Order of operations (as in the official JiT recipe, but built so that its state 
     source -> this process's shard -> shuffle (new order each epoch) -> repeat forever
            -> random horizontal flip -> batch(global_batch_size // process_count) -> x / 127.5 - 1
 
-The ADM centre crop is not in this list: the image-folder converter did it once, the synthetic source
-renders at the target size, and only TFDS decodes-and-crops here. Everything random is a pure
-function of (seed, config.data.shuffle_seed, process_index, element index), which is why the iterator
+The ADM centre crop (jit_jax.data.preprocess) is not in this list: prepared ArrayRecord data holds it
+already, the synthetic source renders at the target size, and only TFDS decodes-and-crops here.
+Training only reads data prepared by `python -m jit_jax.data.prepare`; it never builds a dataset.
+Everything random is a pure function of (seed, config.data.shuffle_seed, process_index, element index), which is why the iterator
 state (get_state / set_state, or grain.checkpoint.CheckpointSave / CheckpointRestore in Orbax) is
 enough to resume exactly.
 
@@ -18,95 +19,52 @@ jax.make_array_from_process_local_data.
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Any, Mapping
 
 import grain
 import numpy as np
-from PIL import Image
+from jit_jax.data import arrayrecord, preprocess, synthetic
 
-from jit_jax.data import imagefolder
-from jit_jax.data import synthetic
-
-# Every config.data field this module reads, with the default used when the config lacks it.
-DEFAULTS: dict[str, Any] = {
-    'source': 'synthetic',       # 'synthetic' | 'arrayrecord' | 'tfds'
-    'name': '',                  # TFDS dataset name ('' -> 'imagenet2012'); unused otherwise
-    'data_dir': '',              # arrayrecord: converted shards; tfds: TFDS data_dir ('' = TFDS default)
-    'manual_dir': '',            # tfds: folder with the ImageNet tars, to prepare on first use
-    'image_size': 32,
-    'num_classes': 10,
-    'global_batch_size': 8,      # over all processes; each process yields global // process_count
-    'num_workers': 0,            # Grain worker processes; 0 = in this process (threads only)
-    'shuffle_seed': 0,           # mixed with the training seed; change it to reshuffle only the data
-    'num_train_examples': 50_000,  # synthetic: dataset size
-    'random_flip': True,         # the official augmentation; off only for ablations and tests
-    'read_threads': 8,           # threads decoding elements in each process
-    'prefetch_buffer_size': 256,  # elements (not batches) read ahead per process
-}
-
+# The config.data fields this module reads (config_lib.base() defines them all); no defaults here,
+# so a pipeline can never silently disagree with the config.
+FIELDS = ('source', 'name', 'data_dir', 'image_size', 'num_classes', 'global_batch_size', 'num_workers',
+          'shuffle_seed', 'num_train_examples', 'random_flip', 'read_threads', 'prefetch_buffer_size')
 SOURCES = ('synthetic', 'arrayrecord', 'tfds')
 
 
-def resolve_fields(config_data: Any = None, **overrides: Any) -> dict[str, Any]:
-    """DEFAULTS, updated by the ConfigDict / mapping `config_data`, updated by keyword overrides.
-
-    Fields of config_data this module does not use are ignored (others read them); unknown keyword
-    overrides are an error, since there they can only be typos.
-    """
-    fields = dict(DEFAULTS)
-    if config_data is not None:
-        given = config_data.to_dict() if hasattr(config_data, 'to_dict') else dict(config_data)
-        fields.update({k: v for k, v in given.items() if k in DEFAULTS})
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise TypeError(f'unknown data field(s) {unknown}; known: {sorted(DEFAULTS)}')
-    fields.update(overrides)
-    return fields
+def read_fields(config_data: Any) -> dict[str, Any]:
+    """The FIELDS of `config.data` (a ConfigDict or mapping); a missing one is an error naming it."""
+    given = config_data.to_dict() if hasattr(config_data, 'to_dict') else dict(config_data)
+    missing = [f'config.data.{name}' for name in FIELDS if name not in given]
+    if missing:
+        raise KeyError(f'{missing} missing from the data config; build it from '
+                       'jit_jax.config_lib.base(), which defines every field')
+    return {name: given[name] for name in FIELDS}
 
 
 def tfds_example_to_crop(example: Mapping[str, Any], image_size: int) -> dict[str, np.ndarray]:
     """A decoded TFDS example (image uint8[H, W, 3] of any size) -> the ADM-cropped training example.
 
-    ImageNet in TFDS is stored as the original JPEGs, so the crop that the converter does once for
-    folder data has to happen on every read here.
+    TFDS stores the original JPEGs, so the crop that prepared ArrayRecord data holds already has to
+    happen on every read here.
     """
-    image = np.asarray(example['image'])
-    if image.ndim == 2:
-        image = image[..., None]
-    rgb = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB')
-    return {'image': imagefolder.adm_center_crop(rgb, image_size),
+    return {'image': preprocess.array_to_crop(example['image'], image_size),
             'label': np.int32(example['label'])}
 
 
-def _tfds_source(fields: dict[str, Any], process_count: int) -> grain.MapDataset:
-    """The TFDS random-access source, preparing it from config.data.manual_dir if needed.
-
-    Random access needs the ArrayRecord file format; preparing needs TensorFlow and the ImageNet
-    tars and takes hours, so it is done by one process only: multi-host jobs must prepare first.
-    """
+def _tfds_source(fields: dict[str, Any]) -> grain.MapDataset:
+    """The random-access source of a TFDS dataset built in ArrayRecord format (never built here:
+    building ImageNet takes hours in one process, so `python -m jit_jax.data.prepare tfds` does it)."""
     import tensorflow_datasets as tfds  # heavy; only this source needs it
 
-    name = fields['name'] or 'imagenet2012'
-    data_dir = fields['data_dir'] or None
-    manual_dir = fields['manual_dir']
-    if (data_dir and not manual_dir and not str(data_dir).startswith('gs://')
-            and not pathlib.Path(data_dir).is_dir()):
-        raise FileNotFoundError(f'TFDS data directory {data_dir} (config.data.data_dir) does not exist')
+    name, data_dir = fields['name'], fields['data_dir'] or None
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
-        hint = (f'prepare it once with `tfds build {name} --data_dir={data_dir or "~/tensorflow_datasets"}'
-                f' --manual_dir=DIR --file_format=array_record` (needs tensorflow; DIR holds the '
-                'ImageNet tars)')
-        if not manual_dir:
-            raise FileNotFoundError(f'TFDS dataset {name} is not prepared in {builder.data_dir}; set '
-                                    f'config.data.manual_dir to prepare it on first use, or {hint}')
-        if process_count > 1:
-            raise RuntimeError(f'TFDS dataset {name} is not prepared in {builder.data_dir}; with '
-                               f'{process_count} processes {hint} before training')
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-            file_format='array_record')
+        raise FileNotFoundError(
+            f'TFDS dataset {name} is not built in {builder.data_dir} (config.data.name / '
+            f'config.data.data_dir); build it once, before training, with `{arrayrecord.PREPARE_HINT} '
+            f'tfds --name {name} --manual-dir DIR_WITH_THE_ARCHIVES'
+            f'{" --tfds-data-dir " + str(data_dir) if data_dir else ""}`')
     num_classes = builder.info.features['label'].num_classes
     if num_classes > fields['num_classes']:
         raise ValueError(f'TFDS {name} has {num_classes} classes but config.data.num_classes is '
@@ -116,7 +74,7 @@ def _tfds_source(fields: dict[str, Any], process_count: int) -> grain.MapDataset
         functools.partial(tfds_example_to_crop, image_size=fields['image_size']))
 
 
-def make_source(fields: dict[str, Any], *, process_count: int = 1) -> grain.MapDataset:
+def make_source(fields: dict[str, Any]) -> grain.MapDataset:
     """The full (unsharded) dataset of uint8 {'image': [s, s, 3], 'label'} examples."""
     source = fields['source']
     if source == 'synthetic':
@@ -127,14 +85,14 @@ def make_source(fields: dict[str, Any], *, process_count: int = 1) -> grain.MapD
         data_dir = fields['data_dir']
         if not data_dir:
             raise ValueError('config.data.source is "arrayrecord" but config.data.data_dir is empty; '
-                             'set it to the output of `python -m jit_jax.data.imagefolder`')
-        images = imagefolder.ArrayRecordImages(data_dir, fields['image_size'])
+                             f'set it to the output of `{arrayrecord.PREPARE_HINT}`')
+        images = arrayrecord.ArrayRecordImages(data_dir, fields['image_size'])
         if images.num_classes > fields['num_classes']:
             raise ValueError(f'{data_dir} has {images.num_classes} classes but '
                              f'config.data.num_classes is {fields["num_classes"]}')
         return grain.MapDataset.source(images)
     if source == 'tfds':
-        return _tfds_source(fields, process_count)
+        return _tfds_source(fields)
     raise ValueError(f'unknown config.data.source={source!r}; expected one of {SOURCES}')
 
 
@@ -170,15 +128,15 @@ def _validate(fields: dict[str, Any], seed: int, process_index: int, process_cou
     return batch // process_count
 
 
-def make_train_dataset(config_data: Any = None, *, seed: int = 0, process_index: int | None = None,
-                       process_count: int | None = None, **overrides: Any) -> grain.IterDataset:
+def make_train_dataset(config_data: Any, *, seed: int, process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
     """The pipeline as a grain.IterDataset (see make_train_iterator)."""
     if process_index is None or process_count is None:
         import jax  # only for the defaults; tests and the converter never need it
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    fields = resolve_fields(config_data, **overrides)
+    fields = read_fields(config_data)
     local_batch = _validate(fields, seed, process_index, process_count)
     # One seed for the shuffle (shared by all processes: their shards are disjoint anyway) and one
     # per process for the flips, both derived from the training seed and the data seed.
@@ -186,7 +144,7 @@ def make_train_dataset(config_data: Any = None, *, seed: int = 0, process_index:
     flip_seed = int(np.random.SeedSequence(
         [seed, fields['shuffle_seed'], 1 + process_index]).generate_state(1)[0])
 
-    dataset = make_source(fields, process_count=process_count)
+    dataset = make_source(fields)
     if len(dataset) < process_count:
         raise ValueError(f'{len(dataset)} examples cannot be split over {process_count} processes')
     # Strided slices: disjoint, together they cover every example, sizes differ by at most one.
@@ -212,13 +170,12 @@ def make_train_dataset(config_data: Any = None, *, seed: int = 0, process_index:
     return iter_dataset
 
 
-def make_train_iterator(config_data: Any = None, *, seed: int = 0, process_index: int | None = None,
-                        process_count: int | None = None,
-                        **overrides: Any) -> grain.DatasetIterator:
+def make_train_iterator(config_data: Any, *, seed: int, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
     """This process's endless iterator of {'image': f32[b, h, w, 3] in [-1, 1], 'label': i32[b]}.
 
-    b = global_batch_size // process_count. `config_data` is `config.data` (a ConfigDict or mapping;
-    missing fields take DEFAULTS); keyword overrides replace fields (tests use them alone).
+    b = global_batch_size // process_count. `config_data` is `config.data` (a ConfigDict or mapping
+    with every field of FIELDS).
     `seed` is the run's seed (config.seed); config.data.shuffle_seed is mixed into it.
     process_index / process_count default to jax.process_index() / jax.process_count().
     The iterator supports get_state() / set_state(), and grain.checkpoint.CheckpointSave(it) /
@@ -227,4 +184,4 @@ def make_train_iterator(config_data: Any = None, *, seed: int = 0, process_index
     batch order depends on n).
     """
     return iter(make_train_dataset(config_data, seed=seed, process_index=process_index,
-                                   process_count=process_count, **overrides))
+                                   process_count=process_count))
