@@ -1,7 +1,11 @@
-"""Expand a grid of config overrides into one training command per cell, and print or run them.
+"""Expand a grid of config overrides into one training run per cell; print, run or submit them, and
+collect the cells' final metrics into one table.
 
     python launch/sweep.py --config configs/default.py --workdir /tmp/sweep \\
         --grid patch=4,8 --grid bottleneck=8,16,full [--set cfg=2.0] [--run] [-- --extra_main_flag=...]
+    ... --emit slurm [--cells_file cells.txt] [--run]   # one SLURM array job, one task per cell
+    ... --emit tpu --tpu_flags='--zone=Z --repo=URL --ref=REF --spot' [--run]  # one TPU slice per cell
+    ... --collect                                       # table of final loss (and FID) per cell
 
 Each cell becomes `--config configs/default.py:<base overrides>,patch=4,bottleneck=8` with its own
 workdir `<workdir>/patch=4,bottleneck=8`, so cells resume independently and never share checkpoints.
@@ -9,8 +13,15 @@ The overrides use the same `key=value` syntax and aliases as `--config file.py:<
 (jit_jax.config_lib.apply_overrides). Before anything is printed or run, every cell's config is built
 and validated, so a typo in the grid fails here rather than an hour into the sweep.
 
-`--run` runs the cells one after another on this machine (small CPU / single-host sweeps). On a cluster,
-print the commands and hand each line to the scheduler instead.
+`--emit commands` (default) prints one `python -m jit_jax.main` per cell; `--run` runs them one after
+another here. `--emit slurm` writes the cells' arguments, one shell-quoted line each, to --cells_file and
+prints the `sbatch --array` command for launch/gpu_slurm.sbatch (`--run` submits it). `--emit tpu`
+prints one `launch/tpu_pod.py watch` per cell, each on its own slice named <tpu_name>-<cell index>
+(`--run` starts them one after another). `--dry-run` prints and never writes or runs anything.
+
+`--collect` reads each cell's workdir: the last `loss` scalar of its TensorBoard events and, when
+`evaluation/report.json` exists there, its FID; it prints one Markdown table (missing values: -).
+Workdirs may be local or gs:// (etils.epath / tf.io.gfile); no pathlib on them.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import argparse
 import importlib.util
 import itertools
 import os
+import json
 import pathlib
 import re
 import shlex
@@ -73,12 +85,85 @@ def commands(config: str, workdir: str, grid: Sequence[str], base_overrides: str
         overrides = ','.join(f'{k}={v}' for k, v in [*base_pairs, *pairs])
         spec = f'{config}:{overrides}' if overrides else config
         argvs.append([python, '-m', 'jit_jax.main', f'--config={spec}',
-                      f'--workdir={pathlib.PurePath(workdir) / cell_name(pairs)}', *extra_args])
+                      f'--workdir={cell_workdir(workdir, pairs)}', *extra_args])
     return argvs
 
 
+def cell_workdir(workdir: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """<workdir>/<cell name>, joined as a string so gs://bucket/x keeps its double slash."""
+    return f'{workdir.rstrip("/")}/{cell_name(pairs)}'
+
+
+def main_args(argv: Sequence[str]) -> list[str]:
+    """The jit_jax.main arguments of a command from commands() (everything after `-m jit_jax.main`)."""
+    return list(argv[3:])
+
+
+def slurm_submit(argvs: Sequence[Sequence[str]], cells_file: str, sbatch_flags: str = '') -> list[str]:
+    """The sbatch command of an array job running line i of cells_file as task i."""
+    return ['sbatch', f'--array=0-{len(argvs) - 1}', *shlex.split(sbatch_flags),
+            f'--export=ALL,CELLS={cells_file}', str(REPO / 'launch' / 'gpu_slurm.sbatch')]
+
+
+def tpu_commands(argvs: Sequence[Sequence[str]], tpu_name: str, tpu_flags: str,
+                 python: str = sys.executable) -> list[list[str]]:
+    """One `tpu_pod.py watch` per cell: its own slice, restarted after preemption until it finishes."""
+    out = []
+    for i, argv in enumerate(argvs):
+        config, workdir, *extra = main_args(argv)
+        out.append([python, str(REPO / 'launch' / 'tpu_pod.py'), 'watch', f'--name={tpu_name}-{i}',
+                    *shlex.split(tpu_flags), config, workdir, '--delete_when_done',
+                    *(['--', *extra] if extra else [])])
+    return out
+
+
+def final_loss(workdir: str) -> tuple[int, float] | None:
+    """(step, loss) of the last `loss` scalar in the TensorBoard event files of workdir, or None."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (tf.io.gfile reads gs:// too)
+
+    last = None
+    for path in sorted(tf.io.gfile.glob(f'{workdir.rstrip("/")}/events.out.tfevents.*')):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == 'loss':
+                    number = (float(tf.make_ndarray(value.tensor)) if value.HasField('tensor')
+                              else value.simple_value)
+                    if last is None or event.step >= last[0]:
+                        last = (int(event.step), number)
+    return last
+
+
+def report_fid(workdir: str) -> float | None:
+    """The FID of workdir/evaluation/report.json (key `fid`, at the top or one level down), or None."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    path = epath.Path(workdir) / 'evaluation' / 'report.json'
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    candidates = [report, *(v for v in report.values() if isinstance(v, dict))]
+    return next((float(c['fid']) for c in candidates if 'fid' in c), None)
+
+
+def collect(workdir: str, grid: Sequence[str]) -> str:
+    """One Markdown row per cell: the grid values, the last step and loss logged, and the FID."""
+    cells = expand(grid)
+    keys = [key for key, _ in cells[0]] if cells and cells[0] else ['cell']
+    lines = ['| ' + ' | '.join([*keys, 'step', 'loss', 'fid']) + ' |', '|' + '---|' * (len(keys) + 3)]
+    for pairs in cells:
+        cell = cell_workdir(workdir, pairs)
+        loss, fid = final_loss(cell), report_fid(cell)
+        values = [v for _, v in pairs] or ['base']
+        values += [str(loss[0]), f'{loss[1]:.4f}'] if loss else ['-', '-']
+        values.append(f'{fid:.2f}' if fid is not None else '-')
+        lines.append('| ' + ' | '.join(values) + ' |')
+    return '\n'.join(lines)
+
+
 def load_config(config_file: str, arg: str):
-    """Build a config exactly as ml_collections.config_flags does: import the file, call get_config(arg)."""
+    """Build a config exactly as ml_collections.config_flags does: import the file, call get_config(arg).
+
+    The only place this tool loads config files."""
     path = pathlib.Path(config_file)
     spec = importlib.util.spec_from_file_location(f'_sweep_config_{path.stem}', path)
     if spec is None or spec.loader is None:
@@ -114,7 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--keep_going', action='store_true', help='with --run: continue after a failed cell')
     parser.add_argument('--no_check', action='store_true', help='skip building and validating each cell')
     parser.add_argument('--python', default=sys.executable, help='interpreter for the commands')
+    parser.add_argument('--emit', choices=('commands', 'slurm', 'tpu'), default='commands',
+                        help='plain commands, one SLURM array job, or one TPU slice per cell')
+    parser.add_argument('--cells_file', default='sweep_cells.txt', help='--emit slurm: cell argument lines')
+    parser.add_argument('--sbatch_flags', default='', help="--emit slurm: e.g. '--nodes=2 --time=24:00:00'")
+    parser.add_argument('--tpu_name', default='jit-sweep', help='--emit tpu: slice name prefix')
+    parser.add_argument('--tpu_flags', default='', help="--emit tpu: tpu_pod.py flags, e.g. '--zone=Z --repo=URL'")
+    parser.add_argument('--collect', action='store_true', help='print the final metrics of every cell')
+    parser.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
+                        help='print the commands only (nothing is written, run or submitted)')
     args = parser.parse_args(argv)
+    if args.collect:
+        print(collect(args.workdir, args.grid))
+        return 0
 
     try:
         argvs = commands(args.config, args.workdir, args.grid, args.set, extra, args.python)
@@ -123,9 +220,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f'sweep: {error}', file=sys.stderr)
         return 2
-    if not args.run:
-        for cmd in argvs:
-            print(shlex.join(cmd))
+    if args.emit == 'slurm':
+        submit = slurm_submit(argvs, args.cells_file, args.sbatch_flags)
+        lines = [shlex.join(main_args(argv)) for argv in argvs]
+        if args.dry_run:
+            print('\n'.join(f'# {args.cells_file}:{i + 1}: {line}' for i, line in enumerate(lines)))
+        else:
+            from etils import epath  # pylint: disable=import-outside-toplevel
+
+            epath.Path(args.cells_file).write_text('\n'.join(lines) + '\n')
+        print(shlex.join(submit))
+        argvs = [submit]
+    elif args.emit == 'tpu':
+        argvs = tpu_commands(argvs, args.tpu_name, args.tpu_flags, args.python)
+    if not args.run or args.dry_run:
+        if args.emit != 'slurm':
+            for cmd in argvs:
+                print(shlex.join(cmd))
         return 0
     failed = []
     for i, cmd in enumerate(argvs):

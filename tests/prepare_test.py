@@ -283,11 +283,16 @@ def test_tfds_and_its_prepared_shards_give_the_same_batches_and_train(imagenet, 
         np.testing.assert_array_equal(a['image'], b['image'])
         np.testing.assert_array_equal(a['label'], b['label'])
 
-    from jit_jax import train
+    import jax
+    from jit_jax import sharding, train
     from train_test import tiny_config
 
-    config = tiny_config(train__num_steps=1)
+    config = tiny_config()
     config.data.update(dict(source='tfds', name='imagenet2012', data_dir=str(tfds_dir), num_classes=1000,
                             num_workers=0))
-    result = train.train_and_evaluate(config, tmp_path / 'run')
-    assert np.isfinite(result['loss']) and result['loss'] > 0
+    trainer = train.Trainer(config)
+    data = pipeline.make_train_iterator(config.data, seed=config.seed)  # the training loop's call
+    state = trainer.init()
+    with jax.set_mesh(trainer.mesh):
+        state, metrics = trainer.step_fn(state, sharding.global_batch(next(data), trainer.mesh))
+    assert int(state['step']) == 1 and np.isfinite(float(metrics['loss'])) and float(metrics['loss']) > 0
