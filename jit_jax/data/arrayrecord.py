@@ -25,7 +25,7 @@ from etils import epath
 from PIL import Image
 
 INFO_FILE = 'dataset_info.json'
-FORMAT = 'jit_jax.imagefolder/v1'
+FORMAT = 'jit_jax.imagefolder/v1'  # unchanged name: folders prepared before stay readable
 PREPARE_HINT = 'python -m jit_jax.data.prepare'
 
 
