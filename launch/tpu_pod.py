@@ -113,7 +113,8 @@ def watch(gcloud: Gcloud, extra: Sequence[str]) -> int:
             up(gcloud, extra)
             continue
         done = gcloud.ssh(exit_status, worker='0', check=False, capture=True).stdout.strip()
-        if done:
+        # A preempted host also exits (0, after its checkpoint): only a slice still READY has finished.
+        if done and state(gcloud) == 'READY':
             print(f'[tpu_pod] run finished with exit status {done}', flush=True)
             if gcloud.args.delete_when_done:
                 delete(gcloud)

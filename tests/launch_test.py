@@ -85,7 +85,7 @@ exit 0
     assert result.returncode == 0, result.stderr
     actions = [line.split()[3] + (' run' if 'jit_jax.main' in line else '') for line in log.read_text().splitlines()]
     assert actions == ['create', 'ssh', 'ssh run', 'describe', 'delete', 'create', 'ssh', 'ssh run',
-                       'describe', 'ssh', 'delete']
+                       'describe', 'ssh', 'describe', 'delete']
     assert 'PREEMPTED: recreating and resuming' in result.stdout
 
 
