@@ -287,10 +287,10 @@ def test_tfds_and_its_prepared_shards_give_the_same_batches_and_train(imagenet, 
     from jit_jax import sharding, train
     from train_test import tiny_config
 
-    config = tiny_config()
+    config = tiny_config(mesh__data=1, mesh__fsdp=1)  # one device: the cheapest compile
     config.data.update(dict(source='tfds', name='imagenet2012', data_dir=str(tfds_dir), num_classes=1000,
                             num_workers=0))
-    trainer = train.Trainer(config)
+    trainer = train.Trainer(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
     data = pipeline.make_train_iterator(config.data, seed=config.seed)  # the training loop's call
     state = trainer.init()
     with jax.set_mesh(trainer.mesh):
