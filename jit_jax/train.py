@@ -16,6 +16,7 @@ import json
 import pathlib
 import signal
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -208,8 +209,14 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Train (resuming from the latest checkpoint in workdir), log, sample; returns final metrics."""
+def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Path, *,
+                       hooks: Sequence[Callable[..., Any]] = ()) -> dict:
+    """Train (resuming from the latest checkpoint in workdir), log, sample; returns final metrics.
+
+    Each hook is called after every step as hook(step, trainer=..., state=...), the protocol of
+    clu.periodic_actions (e.g. PeriodicCallback(every_steps=n, callback_fn=fn) calls fn(step, t, trainer,
+    state) every n steps).
+    """
     from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
 
     workdir = pathlib.Path(workdir).resolve()
@@ -259,6 +266,8 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Pa
                 acc = _accumulate(acc, metrics, jnp.int32(step))
                 done = step + 1
                 report(done)
+                for hook in hooks:
+                    hook(done, trainer=trainer, state=state)
                 stop = preemption.requested or checkpointer.reached_preemption(done)
                 if done % cfg_train.log_every_steps == 0 or done == num_steps or stop:
                     acc = jax.device_get(acc)
