@@ -16,7 +16,6 @@ print the commands and hand each line to the scheduler instead.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import os
 import pathlib
@@ -77,24 +76,12 @@ def commands(config: str, workdir: str, grid: Sequence[str], base_overrides: str
     return argvs
 
 
-def load_config(config_file: str, arg: str):
-    """Build a config exactly as ml_collections.config_flags does: import the file, call get_config(arg)."""
-    path = pathlib.Path(config_file)
-    spec = importlib.util.spec_from_file_location(f'_sweep_config_{path.stem}', path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f'--config {config_file!r}: not a Python file')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def check(argvs: Sequence[Sequence[str]]) -> None:
-    """Build and validate every cell's config (device-independent checks only)."""
+    """Build and validate every cell's config (config_lib.load: device-independent checks only)."""
     for argv in argvs:
         spec = next(a for a in argv if a.startswith('--config=')).removeprefix('--config=')
-        config_file, _, arg = spec.partition(':')
         try:
-            config_lib.validate(load_config(config_file, arg))
+            config_lib.load(spec)
         except ValueError as error:
             raise ValueError(f'cell {spec!r}: {error}') from None
 
