@@ -60,11 +60,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # needs a far larger step. The scaling rule is kept so `batch=` sweeps rescale lr: 1e-3 at batch 64.
     config.optim.blr = 4e-3
     config.optim.warmup_steps = steps // 10  # 100 steps
-    # EMA horizons 1 / (1 - decay) of a quarter and an eighth of the run: 0.996 and 0.992 (250 and 125
-    # steps) at 1000 steps. With no bias correction an EMA still holds decay**steps of the initial weights
-    # (x_hat = 0 at init): e^-4 ~ 2% for ema1 at the end. The paper's 0.9999 would still be 90% initial
-    # weights here, and 0.999 / 0.9995 37% / 61%: a short run needs short horizons.
-    config.optim.ema_decays = (1 - 4 / steps, 1 - 8 / steps)
+    # EMA horizons 1 / (1 - decay) of a quarter and an eighth of the run: decays N / (N + 4) and N / (N + 8),
+    # 0.99602 and 0.99206 (horizons 251 and 126 steps) at N = 1000, and in [0, 1) however short the run.
+    # With no bias correction an EMA still holds decay**steps of the initial weights (x_hat = 0 at init):
+    # e^-4 ~ 2% for ema1 at the end. The paper's 0.9999 would still be 90% initial weights here, and
+    # 0.999 / 0.9995 37% / 61%: a short run needs short horizons.
+    config.optim.ema_decays = (steps / (steps + 4), steps / (steps + 8))
 
     config.sampler.num_steps = 25  # 49 guided evaluations; enough for 32 px shapes
     config.sampler.cfg_scale = 2.5
