@@ -25,6 +25,11 @@ What we do differently, without changing the numbers:
   `Schedule`), so the network appears once in the program whatever the method and step count.
 * The network output is converted to a velocity with `diffusion.convert_output`, so x-, eps- and
   v-prediction networks all sample.
+
+Entry points, one per job, each taking a `SamplerSpec` (which validated itself when built):
+`sample_with_spec` (from given noise), `sample_from_seed` (noise drawn from a key, laid out like the
+labels), `sample_step` (one ODE step, for per-step parity); `sample` is the stable keyword form of
+`sample_with_spec` for external tools.
 """
 
 from __future__ import annotations
