@@ -1,7 +1,7 @@
 """The embedded default: a tiny JiT on procedural shapes, about 10 minutes on a 2-core CPU, no download.
 
     python -m jit_jax.main --config configs/default.py --workdir /tmp/jit_default
-    python -m jit_jax.main --config configs/default.py:patch=8,bottleneck=full --workdir /tmp/jit_p8
+    python -m jit_jax.main --config configs/default.py:patch=8,bottleneck=0 --workdir /tmp/jit_p8
 
 It keeps the paper's method unchanged (x-pred, v-loss, logit-normal t with (-0.8, 0.8), label drop 0.1,
 Heun sampling with CFG on [0.1, 1], AdamW (0.9, 0.95), linear warmup then constant) and shrinks only what
@@ -15,10 +15,11 @@ from ml_collections import config_dict
 
 from jit_jax import config_lib
 
-# Length of the whole run: the one number to tune for the ~10-minute budget (warmup, EMA decays and the
-# sample / checkpoint periods below follow it). A train step of this model at batch 64 took 1.24 CPU-
-# seconds on a busy machine (an estimated 0.65 s wall on 2 idle cores), so 1000 steps is ~11 minutes
-# including compilation and two sample grids.
+# Length of the whole run: the one number to tune for the ~10-minute budget. Warmup, the EMA decays and
+# the sample / checkpoint periods below are rules on train.num_steps (ml_collections FieldReferences), so
+# `steps=2000` or `--config.train.num_steps=2000` rescales them too. A train step of this model at batch
+# 64 took 1.24 CPU-seconds on a busy machine (an estimated 0.65 s wall on 2 idle cores), so 1000 steps is
+# ~11 minutes including compilation and two sample grids.
 NUM_TRAIN_STEPS = 1000
 
 
@@ -52,15 +53,19 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.data.read_threads = 2  # rendering a 32 px shape is cheap; more threads only contend
     config.data.random_flip = False  # the shapes are drawn with random pose already
 
+    config.train.num_steps = NUM_TRAIN_STEPS
+    steps = config.train.get_ref('num_steps')
+
     # The official blr 5e-5 (lr 1.25e-5 at batch 64) is tuned for 600 ImageNet epochs; a 2000-step run
     # needs a far larger step. The scaling rule is kept so `batch=` sweeps rescale lr: 1e-3 at batch 64.
     config.optim.blr = 4e-3
-    config.optim.warmup_steps = NUM_TRAIN_STEPS // 10  # 100 steps
-    # EMA horizons 1 / (1 - decay) of a quarter and an eighth of the run: 0.996 and 0.992 (250 and 125
-    # steps) at 1000 steps. With no bias correction an EMA still holds decay**steps of the initial weights
-    # (x_hat = 0 at init): e^-4 ~ 2% for ema1 at the end. The paper's 0.9999 would still be 90% initial
-    # weights here, and 0.999 / 0.9995 37% / 61%: a short run needs short horizons.
-    config.optim.ema_decays = (round(1 - 4 / NUM_TRAIN_STEPS, 6), round(1 - 8 / NUM_TRAIN_STEPS, 6))
+    config.optim.warmup_steps = steps // 10  # 100 steps
+    # EMA horizons 1 / (1 - decay) of a quarter and an eighth of the run: decays N / (N + 4) and N / (N + 8),
+    # 0.99602 and 0.99206 (horizons 251 and 126 steps) at N = 1000, and in [0, 1) however short the run.
+    # With no bias correction an EMA still holds decay**steps of the initial weights (x_hat = 0 at init):
+    # e^-4 ~ 2% for ema1 at the end. The paper's 0.9999 would still be 90% initial weights here, and
+    # 0.999 / 0.9995 37% / 61%: a short run needs short horizons.
+    config.optim.ema_decays = (steps / (steps + 4), steps / (steps + 8))
 
     config.sampler.num_steps = 25  # 49 guided evaluations; enough for 32 px shapes
     config.sampler.cfg_scale = 2.5
@@ -68,12 +73,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.sampler.interval_max = 1.0
     config.sampler.num_images = 40  # 4 per class
 
-    config.train.num_steps = NUM_TRAIN_STEPS
     config.train.log_every_steps = 50
-    config.train.ckpt_every_steps = NUM_TRAIN_STEPS // 2
+    config.train.ckpt_every_steps = steps // 2
     config.train.keep_checkpoints = 2
     config.train.keep_every_steps = 0
-    config.train.sample_every_steps = NUM_TRAIN_STEPS // 2  # a grid at half-time and at the end
-
+    config.train.sample_every_steps = steps // 2  # a grid at half-time and at the end
 
     return config_lib.apply_overrides(config, arg)

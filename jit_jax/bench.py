@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -66,20 +65,6 @@ def _log(msg: str) -> None:
 # Configuration
 
 
-def _load_config_file(spec: str) -> config_dict.ConfigDict:
-    """configs/x.py[:overrides] -> its get_config(overrides), as jit_jax.main would build it."""
-    path, _, arg = spec.partition(':')
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f'--config {path}: no such file')
-    module_spec = importlib.util.spec_from_file_location(f'_bench_config_{file.stem}', file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
-        raise ValueError(f'--config {path}: the file defines no get_config(arg)')
-    return module.get_config(arg or None)
-
-
 def _smoke_config() -> config_dict.ConfigDict:
     """A tiny model (32 px, 16 tokens, width 64, 2 blocks, 2 class tokens, Heun 4 steps): seconds to run."""
     config = config_lib.base()
@@ -97,11 +82,14 @@ def _smoke_config() -> config_dict.ConfigDict:
 
 
 def build_config(args: argparse.Namespace) -> config_dict.ConfigDict:
-    """The ConfigDict the bench runs: --smoke, --config FILE or --model PRESET, then the flag overrides."""
+    """The ConfigDict the bench runs: --smoke, --config FILE or --model PRESET, then the flag overrides.
+
+    Built like jit_jax.main builds a run's config (config_lib.read, overrides, config_lib.finalize).
+    """
     if args.smoke:
         config = _smoke_config()
     elif args.config:
-        config = _load_config_file(args.config)
+        config = config_lib.read(args.config)
     else:
         config = config_lib.base()
         config.model.preset = args.model
@@ -126,7 +114,7 @@ def build_config(args: argparse.Namespace) -> config_dict.ConfigDict:
     config.optim.grad_accum_steps = args.grad_accum if args.grad_accum else config.optim.grad_accum_steps
     config.mesh.data, config.mesh.fsdp = args.num_devices, 1
     config.mesh.param_sharding = 'replicate'
-    return config
+    return config_lib.finalize(config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,21 +281,18 @@ def setup_sample(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, args: 
     graphdef, state = _model_state(cfg)
     state = jax.device_put(state, device)
     s = config.sampler
-    spec = sampling.SamplerSpec(
-        method=args.method or s.method, num_steps=args.num_sampling_steps or s.num_steps,
-        cfg_scale=s.cfg_scale if args.cfg is None else args.cfg,
+    spec = dataclasses.replace(
+        sampling.SamplerSpec.from_config(s, config.diffusion), method=args.method or s.method,
+        num_steps=args.num_sampling_steps or s.num_steps, cfg_scale=s.cfg_scale if args.cfg is None else args.cfg,
         interval_min=s.interval_min if args.interval_min is None else args.interval_min,
-        interval_max=s.interval_max if args.interval_max is None else args.interval_max,
-        t_eps=config.diffusion.t_eps, pred=config.diffusion.pred)
+        interval_max=s.interval_max if args.interval_max is None else args.interval_max)
     skip = not args.no_skip_uncond
     noise = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, cfg.input_size, cfg.input_size,
                                                                   cfg.in_channels)), device)
     labels = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32) % cfg.num_classes, device)
 
     def generate(s_, noise_, labels_):
-        return sampling.sample(nnx.merge(graphdef, s_), noise_, labels_, method=spec.method,
-                               num_steps=spec.num_steps, cfg_scale=spec.cfg_scale, interval_min=spec.interval_min,
-                               interval_max=spec.interval_max, t_eps=spec.t_eps, pred=spec.pred, skip_uncond=skip)
+        return sampling.sample_with_spec(nnx.merge(graphdef, s_), noise_, labels_, spec, skip_uncond=skip)
 
     start = time.perf_counter()
     compiled = jax.jit(generate).lower(state, noise, labels).compile()
@@ -451,8 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--scan', action=argparse.BooleanOptionalAction, default=None, help='scan over blocks')
     parser.add_argument('--remat', choices=('none', 'block', 'dots'), default=None)
     parser.add_argument('--attention-impl', choices=('none', 'xla', 'cudnn'), default=None)
-    parser.add_argument('--custom-vjp', action=argparse.BooleanOptionalAction, default=None,
-                        help="the model's hand-written backward passes (JiTConfig.custom_vjp)")
+    parser.add_argument('--custom-vjp', choices=config_lib.CUSTOM_VJP, default=None,
+                        help="the model's hand-written backward passes (config.model.custom_vjp)")
     parser.add_argument('--override', action='append', metavar='KEY=VALUE,...',
                         help='config_lib.apply_overrides string, e.g. depth=4,ctx_start=1 (after the flags above)')
     parser.add_argument('--grad-accum', type=int, default=None)

@@ -1,4 +1,4 @@
-"""The configuration layer: every field with its default, one validation pass, and small derived values.
+"""The configuration layer: every field with its default, the override syntax, one loader, one check pass.
 
 Configs are ml_collections ConfigDicts built in Python (big_vision / flax-examples style):
 
@@ -6,36 +6,40 @@ Configs are ml_collections ConfigDicts built in Python (big_vision / flax-exampl
   locked, so an experiment file that misspells a field fails at once instead of adding a new one.
 * `configs/<name>.py` files call `base()` (or `paper_imagenet()`, itself built on `base()`) and override
   only what differs. Their `get_config(arg)` passes `arg` to `apply_overrides`, so
-  `--config configs/default.py:patch=8,bottleneck=16` works, and `launch/sweep.py` builds grids from it.
-* `--config.optim.blr=1e-4` style flags (ml_collections.config_flags) override single fields. Types are
-  fixed by the defaults (a float field stays a float), and fields whose default is "take it from the
-  preset" are typed placeholders for the same reason.
-* `validate(config)` checks everything once at startup and raises ValueError naming the field.
+  `configs/default.py:patch=8,bottleneck=16` works, and `launch/sweep.py` builds grids from it.
+* Derived fields are lazy ml_collections FieldReferences: `train.num_steps` of a paper file is "600 epochs
+  at whatever batch the run ends up with", `optim.warmup_steps` of configs/default.py is "a tenth of
+  train.num_steps". Overrides change the inputs (by `file.py:k=v` or by `--config.x=y` flags, which set
+  fields the same way); an override of a derived field itself replaces its rule by the value.
+* `finalize(config)` evaluates the rules once, after every override, into a plain locked copy and
+  validates it; `load(spec)` is "read the file, apply `:k=v`, finalize", the one loader of the project.
+* `validate(config)` checks what no spec checks: each spec (jit_jax.model.JiTConfig, diffusion.FlowSpec,
+  sampling.SamplerSpec) is built and validates itself; the other groups and the cross-group rules (batch
+  against mesh and accumulation, the mesh -1 axis) are checked here, raising ValueError naming the field.
 
-Step counts are the canonical unit (`*_steps`); epochs exist only as a conversion
-(`steps_per_epoch`, `epochs_to_steps`, and the `epochs=` / `warmup_epochs=` override keys), because the
-data pipeline, checkpoints and schedules all count optimizer steps, and an epoch depends on the batch.
+Step counts are the canonical unit (`*_steps`); epochs exist only as a conversion (`epochs_to_steps`, the
+`epochs=` / `warmup_epochs=` override keys), because the data pipeline, checkpoints and schedules all
+count optimizer steps, and an epoch depends on the batch.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import importlib.util
 import math
+import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 # ImageNet-1k train split (ILSVRC-2012), the size the official epoch counts refer to.
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
-PREDICTION_SPACES = ('x', 'eps', 'v')
-SAMPLER_METHODS = ('heun', 'euler')
 SAMPLER_WEIGHTS = ('ema1', 'ema2', 'model')
-DTYPES = ('float32', 'bfloat16', 'float16')
-ATTENTION_IMPLS = ('', 'xla', 'cudnn')
-REMAT_POLICIES = ('none', 'block', 'dots')
+CUSTOM_VJP = ('auto', 'on', 'off')  # checked by jit_jax.model.JiTConfig
 DATA_SOURCES = ('synthetic', 'tfds', 'arrayrecord')
 LR_SCHEDULES = ('constant', 'cosine')
 PARAM_SHARDINGS = ('replicate', 'fsdp')
@@ -45,48 +49,28 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 # ("take it from the preset"). dtype & co. are not here: they always have a concrete value.
 ARCH_FIELDS = ('patch_size', 'hidden_size', 'depth', 'num_heads', 'mlp_ratio', 'bottleneck_dim',
                'in_context_len', 'in_context_start', 'attn_drop', 'proj_drop')
+# JiTConfig fields that come from another config field than config.model.<same name>.
+_JIT_FIELD_SOURCE = {'input_size': 'data.image_size', 'num_classes': 'data.num_classes'}
 
 # Short names accepted by apply_overrides / launch/sweep.py. Any dotted field path works as well.
 ALIASES: dict[str, str] = {
-    'preset': 'model.preset',
-    'model': 'model.preset',
-    'patch': 'model.patch_size',
-    'bottleneck': 'model.bottleneck_dim',
-    'hidden': 'model.hidden_size',
-    'depth': 'model.depth',
-    'heads': 'model.num_heads',
-    'ctx_len': 'model.in_context_len',
-    'ctx_start': 'model.in_context_start',
-    'proj_drop': 'model.proj_drop',
-    'attn_drop': 'model.attn_drop',
-    'dtype': 'model.dtype',
+    'preset': 'model.preset', 'model': 'model.preset', 'patch': 'model.patch_size',
+    'bottleneck': 'model.bottleneck_dim', 'hidden': 'model.hidden_size', 'depth': 'model.depth',
+    'heads': 'model.num_heads', 'ctx_len': 'model.in_context_len', 'ctx_start': 'model.in_context_start',
+    'proj_drop': 'model.proj_drop', 'attn_drop': 'model.attn_drop', 'dtype': 'model.dtype',
     'remat': 'model.remat',
-    'pred': 'diffusion.pred',
-    'loss': 'diffusion.loss',
-    'p_mean': 'diffusion.p_mean',
-    'p_std': 'diffusion.p_std',
-    't_eps': 'diffusion.t_eps',
-    'noise_scale': 'diffusion.noise_scale',
+    'pred': 'diffusion.pred', 'loss': 'diffusion.loss', 'p_mean': 'diffusion.p_mean',
+    'p_std': 'diffusion.p_std', 't_eps': 'diffusion.t_eps', 'noise_scale': 'diffusion.noise_scale',
     'label_drop': 'diffusion.label_drop_prob',
-    'method': 'sampler.method',
-    'sampling_steps': 'sampler.num_steps',
-    'cfg': 'sampler.cfg_scale',
-    'interval_min': 'sampler.interval_min',
-    'interval_max': 'sampler.interval_max',
-    'source': 'data.source',
-    'img_size': 'data.image_size',
-    'batch': 'data.global_batch_size',
-    'blr': 'optim.blr',
-    'lr': 'optim.lr',
-    'wd': 'optim.weight_decay',
-    'warmup': 'optim.warmup_steps',
-    'ema': 'optim.ema_decays',
-    'accum': 'optim.grad_accum_steps',
-    'steps': 'train.num_steps',
-    'seed': 'seed',
+    'method': 'sampler.method', 'sampling_steps': 'sampler.num_steps', 'cfg': 'sampler.cfg_scale',
+    'interval_min': 'sampler.interval_min', 'interval_max': 'sampler.interval_max',
+    'source': 'data.source', 'img_size': 'data.image_size', 'batch': 'data.global_batch_size',
+    'blr': 'optim.blr', 'lr': 'optim.lr', 'wd': 'optim.weight_decay', 'warmup': 'optim.warmup_steps',
+    'ema': 'optim.ema_decays', 'accum': 'optim.grad_accum_steps',
+    'steps': 'train.num_steps', 'seed': 'seed',
 }
-# Keys converted from epochs to steps with steps_per_epoch(), after all other keys of the same string
-# (so `batch=512,epochs=200` uses the new batch).
+# Keys that take a number of epochs and set the step field to the lazy epochs_to_steps rule, so the step
+# count follows the final batch size whatever order the overrides come in.
 EPOCH_KEYS: dict[str, str] = {'epochs': 'train.num_steps', 'warmup_epochs': 'optim.warmup_steps'}
 
 
@@ -111,7 +95,7 @@ def base() -> config_dict.ConfigDict:
     model.num_heads = config_dict.placeholder(int)  # d / heads must be a multiple of 4 (2-D RoPE)
     model.mlp_ratio = config_dict.placeholder(float)  # SwiGLU width = int(int(d * ratio) * 2 / 3)
     # Patch -> bottleneck -> d, a low-rank patch embedding (128 for B/L, 256 for H/G; paper Fig. 4).
-    # 0 = full rank: bottleneck = patch_size**2 * in_channels, i.e. no compression.
+    # 0 = full rank (the one spelling of it): the bottleneck is as wide as a patch, patch_size**2 * channels.
     model.bottleneck_dim = config_dict.placeholder(int)
     model.in_context_len = config_dict.placeholder(int)  # class tokens prepended in-context (32; 0 = none)
     model.in_context_start = config_dict.placeholder(int)  # block where they join (B 4, L 8, H/G 10)
@@ -123,7 +107,9 @@ def base() -> config_dict.ConfigDict:
     model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (= JAX picks), 'xla', 'cudnn'
     model.scan_blocks = False  # lax.scan over stacked blocks: compile time independent of depth
     model.remat = 'none'  # activation checkpointing per block: 'none' | 'block' | 'dots'
-    model.custom_vjp = True  # hand-written backward passes (same forward; fewer saved activations, faster)
+    # Hand-written backward passes (same forward and gradients, fewer saved activations): 'auto' (on where
+    # measured to help) | 'on' | 'off'.
+    model.custom_vjp = 'auto'
 
     # ---- diffusion: the training objective (jit_jax.diffusion.FlowSpec); t = 1 is clean data
     config.diffusion = diffusion = config_dict.ConfigDict()
@@ -150,7 +136,6 @@ def base() -> config_dict.ConfigDict:
     data.source = 'tfds'  # 'synthetic' (procedural, offline) | 'tfds' | 'arrayrecord'
     data.name = 'imagenet2012'  # TFDS builder name (source='tfds'); its 'train' split is used
     data.data_dir = ''  # TFDS data dir, or the ArrayRecord folder (source='arrayrecord'); '' = default
-    data.manual_dir = ''  # where the ImageNet tars are (TFDS manual download); '' = TFDS default
     data.image_size = 256  # training resolution; also the model's input_size
     data.num_classes = 1000  # also the model's num_classes; the null (CFG) class id is this number
     # Size of one epoch, used only to convert epochs to steps; also the length of the synthetic set.
@@ -170,14 +155,15 @@ def base() -> config_dict.ConfigDict:
     optim.b2 = 0.95  # official betas (0.9, 0.95)
     optim.eps = 1e-8  # torch AdamW and optax share this default; spelled out so a port never drifts
     optim.weight_decay = 0.0  # official 0.0 (so its no-decay param groups change nothing)
-    optim.warmup_steps = epochs_to_steps(config, 5)  # official 5 epochs = 6255 steps at batch 1024
+    optim.warmup_steps = epochs_to_steps(config, 5)  # official 5 epochs (6255 steps at batch 1024)
     optim.schedule = 'constant'  # after warmup: 'constant' (official) | 'cosine' (to min_lr)
     optim.min_lr = 0.0  # end of the cosine schedule (official --min_lr)
     optim.grad_clip = 0.0  # global-norm clip; 0 = off (official: none)
     optim.grad_accum_steps = 1  # micro-batches per optimizer step; global_batch_size is per step
     optim.ema_decays = (0.9999, 0.9996)  # ema1, ema2; per optimizer step, no warmup / bias correction
 
-    # ---- train: loop lengths and periods, all in optimizer steps (0 = never, where allowed)
+    # ---- train: loop lengths and periods, all in optimizer steps (0 = never, where allowed). The epoch
+    # values are lazy (epochs_to_steps): they follow data.global_batch_size until overridden themselves.
     config.train = train = config_dict.ConfigDict()
     train.num_steps = epochs_to_steps(config, 200)  # official default 200 epochs (ablations)
     train.log_every_steps = 100  # official --log_freq 100
@@ -203,16 +189,21 @@ def base() -> config_dict.ConfigDict:
 
 def steps_per_epoch(config: config_dict.ConfigDict) -> int:
     """Optimizer steps in one pass over the data, dropping the last partial batch (the official drop_last)."""
-    steps = config.data.num_train_examples // config.data.global_batch_size
-    if steps < 1:
-        raise ValueError(f'config.data.num_train_examples={config.data.num_train_examples} is smaller than '
-                         f'config.data.global_batch_size={config.data.global_batch_size}: an epoch has no step')
-    return steps
+    return _steps_per_epoch(config).get()
 
 
-def epochs_to_steps(config: config_dict.ConfigDict, epochs: float) -> int:
-    """Round `epochs` to whole optimizer steps at the config's batch size (1251 steps per ImageNet epoch)."""
-    return int(round(epochs * steps_per_epoch(config)))
+def _steps_per_epoch(config: config_dict.ConfigDict) -> config_dict.FieldReference:
+    data = config.data
+    return data.get_ref('num_train_examples') // data.get_ref('global_batch_size')
+
+
+def epochs_to_steps(config: config_dict.ConfigDict, epochs: float) -> config_dict.FieldReference:
+    """`epochs` as whole optimizer steps (rounded), lazily: the value follows later batch-size overrides.
+
+    Assign it to a step field (`config.train.num_steps = epochs_to_steps(config, 600)`); `.get()` gives
+    the number now (1251 steps per ImageNet epoch at batch 1024).
+    """
+    return (_steps_per_epoch(config) * float(epochs) + 0.5).to_int()
 
 
 def lr(config: config_dict.ConfigDict) -> float:
@@ -222,39 +213,42 @@ def lr(config: config_dict.ConfigDict) -> float:
     return config.optim.blr * config.data.global_batch_size / 256
 
 
-def resolve_mesh(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with the -1 axis filled in, e.g. {'data': 8, 'fsdp': 1, 'tensor': 1}."""
-    sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
-    auto = [axis for axis, size in sizes.items() if size == -1]
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if len(auto) > 1:
-        raise ValueError(f'config.mesh: at most one axis may be -1, got {auto}')
+def resolve_mesh(mesh: Mapping[str, int], num_devices: int | None = None) -> dict[str, int]:
+    """The one mesh rule: axis sizes (`config.mesh`) with the -1 axis filled in for `num_devices` devices.
+
+    Sizes are >= 1, or -1 for "all remaining devices" on at most one axis; tensor parallelism is not
+    implemented, so tensor must be 1. Without num_devices the -1 axis stays -1 (checks before JAX starts).
+    """
+    sizes = {axis: int(mesh.get(axis, 1)) for axis in MESH_AXES}
     if any(size < 1 and size != -1 for size in sizes.values()):
-        raise ValueError(f'config.mesh: axis sizes must be >= 1 or -1, got {sizes}')
+        raise ValueError(f'config.mesh={sizes}: expected sizes >= 1, or -1 for all remaining devices')
+    auto = [axis for axis, size in sizes.items() if size == -1]
+    if len(auto) > 1:
+        raise ValueError(f'config.mesh={sizes}: at most one axis may be -1')
+    if sizes['tensor'] != 1:
+        raise ValueError(f"config.mesh.tensor={sizes['tensor']}: only 1 is supported (JiT up to G trains with "
+                         'data and fsdp parallelism; tensor parallelism is not implemented)')
+    if num_devices is None:
+        return sizes
+    fixed = math.prod(size for size in sizes.values() if size != -1)
     if auto:
         if num_devices % fixed:
-            raise ValueError(f'config.mesh: {num_devices} devices are not divisible by the fixed axes {sizes}')
+            raise ValueError(f'config.mesh={sizes}: {num_devices} devices do not divide by the fixed axes')
         sizes[auto[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(f'config.mesh: axes {sizes} multiply to {fixed}, but there are {num_devices} devices')
+        raise ValueError(f'config.mesh={sizes}: the axes multiply to {fixed}, but there are {num_devices} devices')
     return sizes
 
 
 def model_config(config: config_dict.ConfigDict) -> Any:
-    """The jit_jax.model.JiTConfig this config describes.
+    """The jit_jax.model.JiTConfig this config describes; JiTConfig validates it, errors name config fields.
 
     Starts from the preset (or from the explicit fields when model.preset == ''), replaces every
     architecture field that is set in config.model, and takes input_size / num_classes from config.data
-    so the image and label sizes are stated exactly once.
+    so the image and label sizes are stated exactly once. bottleneck_dim 0 (full rank) becomes the patch
+    dimension here, the only place that spelling is read.
     """
     from jit_jax import model as model_lib  # deferred: importing the model pulls in JAX and Flax
-
-    return model_lib.JiTConfig(**_model_fields(config))
-
-
-def _model_fields(config: config_dict.ConfigDict) -> dict[str, Any]:
-    """JiTConfig keyword arguments after preset + overrides, without constructing (so checks can name fields)."""
-    from jit_jax import model as model_lib
 
     m = config.model
     if m.preset:
@@ -267,23 +261,20 @@ def _model_fields(config: config_dict.ConfigDict) -> dict[str, Any]:
         if missing:
             raise ValueError(f"config.model.preset='' needs every architecture field; unset: {', '.join(missing)}")
         fields = {}
-    for name in ARCH_FIELDS:
-        if m[name] is not None:
-            fields[name] = m[name]
-    fields.update(
-        input_size=config.data.image_size,
-        num_classes=config.data.num_classes,
-        in_channels=m.in_channels,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        attention_impl=m.attention_impl or None,
-        scan_blocks=m.scan_blocks,
-        remat=m.remat,
-        custom_vjp=m.custom_vjp,
-    )
-    if fields['bottleneck_dim'] == 0:  # 'full': as wide as a patch, i.e. no rank reduction
+    fields.update({name: m[name] for name in ARCH_FIELDS if m[name] is not None})
+    fields.update(input_size=config.data.image_size, num_classes=config.data.num_classes,
+                  in_channels=m.in_channels, dtype=m.dtype, param_dtype=m.param_dtype,
+                  attention_impl=m.attention_impl or None, scan_blocks=m.scan_blocks, remat=m.remat,
+                  custom_vjp=m.custom_vjp)
+    if fields['bottleneck_dim'] == 0:
         fields['bottleneck_dim'] = fields['patch_size'] ** 2 * fields['in_channels']
-    return fields
+    try:
+        return model_lib.JiTConfig(**fields)
+    except ValueError as error:
+        found = re.match(r'JiTConfig\.(\w+)', str(error))
+        field = found and _JIT_FIELD_SOURCE.get(found[1], f'model.{found[1]}')
+        source = f' (preset {m.preset!r} with the config.model fields that are set)' if m.preset else ''
+        raise ValueError(f'config.{field or "model"}{source}: {error}') from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,10 +288,10 @@ def paper_imagenet(preset: str, image_size: int, *, cfg_scale: float, proj_drop:
     Shared by every paper run: batch 1024, blr 5e-5 (lr 2e-4), 5 warmup epochs then constant, AdamW
     (0.9, 0.95) without weight decay, EMA 0.9999 / 0.9996, logit-normal t (-0.8, 0.8), label drop 0.1,
     heun 50 steps with CFG on [0.1, 1], bf16 compute with fp32 parameters, and noise_scale =
-    image_size / 256 (1 and 2 confirmed by the README; 4 at 1024 px is the paper's rule, unconfirmed).
-    What differs per model (cfg_scale, proj_drop, parameter sharding) is an argument, so each config file
-    states it next to its source. epochs: 600 for the final models, 200 for the paper's ablations
-    (`--config configs/jit_b16_in256.py:epochs=200`).
+    image_size / 256 (1 and 2 confirmed by the README; 4 at 1024 px is the paper's rule, unconfirmed),
+    a rule that follows an `img_size=` override. What differs per model (cfg_scale, proj_drop, parameter
+    sharding) is an argument, so each config file states it next to its source. epochs: 600 for the
+    final models, 200 for the paper's ablations (`configs/jit_b16_in256.py:epochs=200`).
     """
     config = base()
     config.model.preset = preset
@@ -320,7 +311,7 @@ def paper_imagenet(preset: str, image_size: int, *, cfg_scale: float, proj_drop:
     config.diffusion.loss = 'v'
     config.diffusion.p_mean = -0.8
     config.diffusion.p_std = 0.8
-    config.diffusion.noise_scale = image_size / 256
+    config.diffusion.noise_scale = (config.data.get_ref('image_size') / 256).to_float()
     config.diffusion.label_drop_prob = 0.1
 
     config.sampler.method = 'heun'
@@ -346,7 +337,7 @@ def paper_imagenet(preset: str, image_size: int, *, cfg_scale: float, proj_drop:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Overrides: "patch=8,bottleneck=16" strings from `--config file.py:<arg>` and launch/sweep.py
+# Overrides and loading: "patch=8,bottleneck=16" strings from `file.py:<arg>` and launch/sweep.py
 
 
 def split_top_level(text: str, sep: str = ',') -> list[str]:
@@ -384,8 +375,7 @@ def parse_overrides(arg: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
-def resolve_key(config: config_dict.ConfigDict, key: str,
-                aliases: Mapping[str, str] = ALIASES) -> str:
+def resolve_key(config: config_dict.ConfigDict, key: str, aliases: Mapping[str, str] = ALIASES) -> str:
     """Alias or dotted path -> dotted path of an existing field; unknown keys name themselves and the options."""
     path = aliases.get(key, key.removeprefix('config.'))
     node: Any = config
@@ -399,6 +389,40 @@ def resolve_key(config: config_dict.ConfigDict, key: str,
     return path
 
 
+def apply_overrides(config: config_dict.ConfigDict, arg: str | None,
+                    aliases: Mapping[str, str] = ALIASES) -> config_dict.ConfigDict:
+    """Apply 'key=value,...' (the part after ':' in `file.py:<arg>`) to `config`, in place.
+
+    Keys are aliases (ALIASES: patch, bottleneck, cfg, batch, ...) or dotted field paths; each pair is
+    applied exactly as the field flag `--config.<path>=<value>` would be (ml_collections.config_flags
+    parses it), so both spellings give the same config. epochs= / warmup_epochs= set the step field to
+    the lazy epochs_to_steps rule, evaluated by finalize() at the final batch size.
+    """
+    argv, seen = ['overrides'], {}
+    for key, text in parse_overrides(arg):
+        path = EPOCH_KEYS.get(key) or resolve_key(config, key, aliases)
+        if path in seen:
+            raise ValueError(f'overrides {seen[path]!r} and {key!r} in {arg!r} both set config.{path}')
+        seen[path] = key
+        if key in EPOCH_KEYS:
+            try:
+                epochs = float(text)
+            except ValueError:
+                raise ValueError(f'override {key}={text}: expected a number of epochs') from None
+            parent, leaf = _parent_and_leaf(config, EPOCH_KEYS[key])
+            parent[leaf] = epochs_to_steps(config, epochs)
+        else:
+            argv.append(f'--config.{path}={text}')
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict('config', config, flag_values=flag_values, lock_config=config.is_locked,
+                                    sys_argv=argv)
+    try:
+        flag_values(argv)
+    except flags.Error as error:
+        raise ValueError(f'override in {arg!r}: {error}') from None
+    return config
+
+
 def _parent_and_leaf(config: config_dict.ConfigDict, path: str) -> tuple[config_dict.ConfigDict, str]:
     *parents, leaf = path.split('.')
     node = config
@@ -407,68 +431,49 @@ def _parent_and_leaf(config: config_dict.ConfigDict, path: str) -> tuple[config_
     return node, leaf
 
 
-def _parse_value(text: str, field_type: type, template_value: Any, where: str) -> Any:
-    """Parse `text` as the field's type; placeholders (default None) also accept 'none' = from preset."""
-    if text.lower() == 'none' and template_value is None:
-        return None
-    try:
-        if field_type is bool:
-            lowered = text.lower()
-            if lowered in ('true', '1', 'yes'):
-                return True
-            if lowered in ('false', '0', 'no'):
-                return False
-            raise ValueError(text)
-        if field_type is int:
-            return int(text)
-        if field_type is float:
-            return float(text)
-        if field_type is str:
-            return text
-        if field_type in (tuple, list):
-            value = ast.literal_eval(text)
-            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-            if template_value and all(isinstance(v, float) for v in template_value):
-                value = tuple(float(v) for v in value)
-            return value
-    except (ValueError, SyntaxError, TypeError):
-        pass
-    raise ValueError(f'override {where}: cannot read {text!r} as {field_type.__name__}')
+def read(spec: str) -> config_dict.ConfigDict:
+    """'path/file.py' or 'path/file.py:k=v,...' -> its get_config(arg), rules not yet evaluated.
 
-
-def apply_overrides(config: config_dict.ConfigDict, arg: str | None,
-                    aliases: Mapping[str, str] = ALIASES) -> config_dict.ConfigDict:
-    """Apply 'key=value,...' (the part after ':' in `--config file.py:<arg>`) to `config`, in place.
-
-    Keys are aliases (ALIASES: patch, bottleneck, cfg, batch, ...), dotted field paths
-    (model.patch_size), or epochs / warmup_epochs, which are converted to steps at the final batch size.
-    Special values: 'none' resets a preset-backed field to its preset; bottleneck=full is bottleneck_dim 0
-    (full rank). Errors name the key and what was expected.
+    The same as ml_collections.config_flags.DEFINE_config_file builds it for `--config=<spec>`, before
+    any `--config.x=y` flag; pass the result to finalize() after the last override.
     """
-    template = base()
-    pairs = parse_overrides(arg)
-    epoch_pairs = [(k, v) for k, v in pairs if k in EPOCH_KEYS]
-    for key, text in pairs:
-        if key in EPOCH_KEYS:
-            continue
-        path = resolve_key(config, key, aliases)
-        if path == 'model.bottleneck_dim' and text.lower() == 'full':
-            text = '0'
-        parent, leaf = _parent_and_leaf(config, path)
-        template_parent, _ = _parent_and_leaf(template, path)
-        value = _parse_value(text, parent.get_type(leaf), template_parent[leaf], f'{key}={text} (config.{path})')
-        try:
-            parent[leaf] = value
-        except TypeError as error:
-            raise ValueError(f'override {key}={text}: config.{path} rejected {value!r}: {error}') from None
-    for key, text in epoch_pairs:
-        try:
-            epochs = float(text)
-        except ValueError:
-            raise ValueError(f'override {key}={text}: expected a number of epochs') from None
-        parent, leaf = _parent_and_leaf(config, EPOCH_KEYS[key])
-        parent[leaf] = epochs_to_steps(config, epochs)
-    return config
+    path, _, arg = spec.partition(':')
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f'--config {path}: no such file')
+    module_spec = importlib.util.spec_from_file_location(f'_jit_jax_config_{file.stem}', file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ValueError(f'--config {path}: the file defines no get_config(arg)')
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def load(spec: str) -> config_dict.ConfigDict:
+    """The project's config loader: read(spec), then finalize (rules evaluated, validated, locked)."""
+    return finalize(read(spec))
+
+
+def finalize(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Evaluate every derived field after all overrides: a plain, locked, validated copy of `config`.
+
+    Called by load() and by jit_jax.main after the `--config.x=y` flags, so both kinds of overrides
+    reach the rules (step counts from epochs, configs/default.py's periods and EMA) the same way.
+    """
+    plain = config.copy_and_resolve_references()
+    _resolve_tuples(plain)
+    plain.lock()
+    validate(plain)
+    return plain
+
+
+def _resolve_tuples(config: config_dict.ConfigDict) -> None:
+    """Rules inside tuples (configs/default.py's EMA decays) are not resolved by ml_collections itself."""
+    for key, value in config.items():
+        if isinstance(value, config_dict.ConfigDict):
+            _resolve_tuples(value)
+        elif isinstance(value, tuple) and any(isinstance(v, config_dict.FieldReference) for v in value):
+            config[key] = tuple(v.get() if isinstance(v, config_dict.FieldReference) else v for v in value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -502,7 +507,7 @@ def _check_types(config: Any, template: config_dict.ConfigDict, prefix: str) -> 
                 _fail(name, value, f'a value of type {field_type.__name__} (only preset-backed fields may be None)')
             continue
         if field_type is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         elif field_type is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif field_type in (tuple, list):
@@ -511,97 +516,43 @@ def _check_types(config: Any, template: config_dict.ConfigDict, prefix: str) -> 
         else:
             ok = isinstance(value, field_type)
         if not ok:
-            _fail(name, value, f'a value of type {field_type.__name__}')
+            _fail(name, value, f'a (finite) value of type {field_type.__name__}')
 
 
-def _check_choice(config: config_dict.ConfigDict, field: str, choices: tuple[str, ...]) -> None:
-    parent, leaf = _parent_and_leaf(config, field)
-    if parent[leaf] not in choices:
-        _fail(field, parent[leaf], f'one of {choices}')
-
-
-def _check_range(config: config_dict.ConfigDict, field: str, low: float, high: float | None = None,
-                 *, high_open: bool = True) -> None:
+def _check(config: config_dict.ConfigDict, field: str, ok: Any, expected: str) -> None:
+    """Fail naming `field` unless ok(value) (a callable) or value in ok (a tuple of choices)."""
     parent, leaf = _parent_and_leaf(config, field)
     value = parent[leaf]
-    if high is None:
-        ok, expected = value >= low, f'>= {low}'
-    elif high_open:
-        ok, expected = low <= value < high, f'in [{low}, {high})'
-    else:
-        ok, expected = low <= value <= high, f'in [{low}, {high}]'
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        _fail(field, value, expected)
+    if not (value in ok if isinstance(ok, tuple) else ok(value)):
+        _fail(field, value, expected if expected else f'one of {ok}')
+
+
+def _at_least(low: float):
+    return lambda value: value >= low
 
 
 def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) -> None:
     """Check the whole config once, before anything is built; raise ValueError naming the field.
 
-    num_devices: the global device count (jax.device_count(), after jax.distributed.initialize()). When
-    given, the mesh must fit it and the batch must split over the data-parallel devices; when None, only
-    the explicitly sized mesh axes are checked (so this can run before JAX initialises its backend).
+    The model, diffusion and sampler groups are checked by building their specs (JiTConfig, FlowSpec,
+    SamplerSpec), which validate themselves; this function checks the other groups and every rule that
+    spans groups. num_devices: the global device count (jax.device_count(), after
+    jax.distributed.initialize()). When given, the mesh must fit it and the batch must split over the
+    data-parallel devices; when None, only the explicitly sized mesh axes are checked (so this can run
+    before JAX initialises its backend).
     """
+    from jit_jax import diffusion, sampling  # deferred: they import JAX
+
     _check_types(config, base(), '')
-
-    # model: the preset, then the resolved architecture against the data it will see.
-    _check_choice(config, 'model.dtype', DTYPES)
-    _check_choice(config, 'model.param_dtype', DTYPES)
-    _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
-    _check_choice(config, 'model.remat', REMAT_POLICIES)
-    fields = _model_fields(config)  # raises on an unknown preset or missing fields without one
-    source = 'config.model.{} (or preset %r)' % config.model.preset if config.model.preset else 'config.model.{}'
-    for name in ('patch_size', 'hidden_size', 'depth', 'num_heads', 'bottleneck_dim', 'in_channels'):
-        if fields[name] < 1:
-            raise ValueError(f'{source.format(name)} = {fields[name]}: expected a positive integer'
-                             + (' (0 = full rank is allowed)' if name == 'bottleneck_dim' else ''))
-    _check_range(config, 'data.image_size', 1)
-    _check_range(config, 'data.num_classes', 1)
-    if config.data.image_size % fields['patch_size']:
-        _fail('data.image_size', config.data.image_size,
-              f"a multiple of the patch size {fields['patch_size']} ({source.format('patch_size')})")
-    if fields['hidden_size'] % fields['num_heads']:
-        raise ValueError(f"{source.format('hidden_size')} = {fields['hidden_size']}: expected a multiple of "
-                         f"{source.format('num_heads')} = {fields['num_heads']}")
-    head_dim = fields['hidden_size'] // fields['num_heads']
-    if head_dim % 4:
-        raise ValueError(f"{source.format('num_heads')} = {fields['num_heads']}: head dim hidden_size / "
-                         f"num_heads = {head_dim} must be a multiple of 4 (2-D RoPE splits it in 4)")
-    if fields['mlp_ratio'] <= 0:
-        raise ValueError(f"{source.format('mlp_ratio')} = {fields['mlp_ratio']}: expected > 0")
-    if fields['in_context_len'] < 0:
-        raise ValueError(f"{source.format('in_context_len')} = {fields['in_context_len']}: expected >= 0")
-    if fields['in_context_len'] and not 0 <= fields['in_context_start'] < fields['depth']:
-        raise ValueError(f"{source.format('in_context_start')} = {fields['in_context_start']}: expected a "
-                         f"block index in [0, depth={fields['depth']})")
-    for name in ('attn_drop', 'proj_drop'):
-        if not 0.0 <= fields[name] < 1.0:
-            raise ValueError(f'{source.format(name)} = {fields[name]}: expected a dropout rate in [0, 1)')
-
-    # diffusion
-    _check_choice(config, 'diffusion.pred', PREDICTION_SPACES)
-    _check_choice(config, 'diffusion.loss', PREDICTION_SPACES)
-    _check_range(config, 'diffusion.p_mean', -math.inf)
-    _check_range(config, 'diffusion.p_std', 0.0)
-    if not 0.0 < config.diffusion.t_eps < 1.0:
-        _fail('diffusion.t_eps', config.diffusion.t_eps, 'in (0, 1): it clamps every division by 1 - t')
-    if not config.diffusion.noise_scale > 0:
-        _fail('diffusion.noise_scale', config.diffusion.noise_scale, '> 0 (image_size / 256 in the paper)')
-    _check_range(config, 'diffusion.label_drop_prob', 0.0, 1.0)
-
-    # sampler
-    _check_choice(config, 'sampler.method', SAMPLER_METHODS)
-    _check_range(config, 'sampler.num_steps', 1)
-    _check_range(config, 'sampler.cfg_scale', 0.0)
-    _check_range(config, 'sampler.interval_min', 0.0, 1.0, high_open=False)
-    _check_range(config, 'sampler.interval_max', 0.0, 1.0, high_open=False)
-    if config.sampler.interval_min > config.sampler.interval_max:
-        _fail('sampler.interval_min', config.sampler.interval_min,
-              f'<= config.sampler.interval_max={config.sampler.interval_max}')
-    _check_choice(config, 'sampler.ema', SAMPLER_WEIGHTS)
-    _check_range(config, 'sampler.num_images', 0)
+    model_config(config)
+    diffusion.FlowSpec.from_config(config.diffusion)
+    sampling.SamplerSpec.from_config(config.sampler, config.diffusion)
+    _check(config, 'model.custom_vjp', CUSTOM_VJP, '')
+    _check(config, 'sampler.ema', SAMPLER_WEIGHTS, '')
+    _check(config, 'sampler.num_images', _at_least(0), '>= 0')
 
     # data
-    _check_choice(config, 'data.source', DATA_SOURCES)
+    _check(config, 'data.source', DATA_SOURCES, '')
     if config.data.source == 'tfds' and not config.data.name:
         _fail('data.name', config.data.name, "a TFDS builder name such as 'imagenet2012' (data.source='tfds')")
     if config.data.source == 'arrayrecord' and not config.data.data_dir:
@@ -609,64 +560,49 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
     if config.data.source == 'synthetic':
         from jit_jax.data import synthetic  # deferred: only needed for this source
 
-        if config.data.num_classes > synthetic.NUM_SHAPES:
-            _fail('data.num_classes', config.data.num_classes,
-                  f"<= {synthetic.NUM_SHAPES} for data.source='synthetic' (one class per shape)")
-    _check_range(config, 'data.num_train_examples', 1)
-    _check_range(config, 'data.global_batch_size', 1)
-    _check_range(config, 'data.num_workers', 0)
-    _check_range(config, 'data.read_threads', 1)
-    _check_range(config, 'data.prefetch_buffer_size', 0)
+        _check(config, 'data.num_classes', lambda n: n <= synthetic.NUM_SHAPES,
+               f"<= {synthetic.NUM_SHAPES} for data.source='synthetic' (one class per shape)")
+    for name, low in (('global_batch_size', 1), ('num_workers', 0), ('read_threads', 1),
+                      ('prefetch_buffer_size', 0)):
+        _check(config, f'data.{name}', _at_least(low), f'>= {low}')
+    _check(config, 'data.num_train_examples', _at_least(config.data.global_batch_size),
+           f'>= config.data.global_batch_size={config.data.global_batch_size} (an epoch needs a step)')
 
     # optim
-    _check_range(config, 'optim.lr', 0.0)
+    for name in ('lr', 'eps', 'weight_decay', 'min_lr', 'grad_clip'):
+        _check(config, f'optim.{name}', _at_least(0.0), '>= 0')
     if config.optim.lr == 0 and not config.optim.blr > 0:
         _fail('optim.blr', config.optim.blr, '> 0 (or set an absolute optim.lr > 0)')
-    _check_range(config, 'optim.b1', 0.0, 1.0)
-    _check_range(config, 'optim.b2', 0.0, 1.0)
-    _check_range(config, 'optim.eps', 0.0)
-    _check_range(config, 'optim.weight_decay', 0.0)
-    _check_range(config, 'optim.warmup_steps', 0)
-    _check_choice(config, 'optim.schedule', LR_SCHEDULES)
-    _check_range(config, 'optim.min_lr', 0.0)
-    _check_range(config, 'optim.grad_clip', 0.0)
-    _check_range(config, 'optim.grad_accum_steps', 1)
-    decays = config.optim.ema_decays
-    if not decays:
-        _fail('optim.ema_decays', decays, 'at least one decay (ema1)')
-    for i, decay in enumerate(decays):
-        if not 0.0 <= decay < 1.0:
-            _fail('optim.ema_decays', decays, f'decays in [0, 1); item {i} is {decay}')
-    if config.sampler.ema == 'ema2' and len(decays) < 2:
-        _fail('sampler.ema', 'ema2', f'an existing EMA: config.optim.ema_decays has {len(decays)} entry')
+    for name in ('b1', 'b2'):
+        _check(config, f'optim.{name}', lambda b: 0.0 <= b < 1.0, 'in [0, 1)')
+    _check(config, 'optim.warmup_steps', _at_least(0), '>= 0')
+    _check(config, 'optim.schedule', LR_SCHEDULES, '')
+    _check(config, 'optim.grad_accum_steps', _at_least(1), '>= 1')
+    _check(config, 'optim.ema_decays', lambda d: len(d) >= 1 and all(0.0 <= x < 1.0 for x in d),
+           'at least one decay (ema1), each in [0, 1)')
+    if config.sampler.ema == 'ema2' and len(config.optim.ema_decays) < 2:
+        _fail('sampler.ema', 'ema2', f'an existing EMA: config.optim.ema_decays has '
+              f'{len(config.optim.ema_decays)} entry')
 
     # train
-    _check_range(config, 'train.num_steps', 1)
-    _check_range(config, 'train.log_every_steps', 1)
-    for name in ('ckpt_every_steps', 'keep_every_steps', 'sample_every_steps'):
-        _check_range(config, f'train.{name}', 0)
-    _check_range(config, 'train.keep_checkpoints', 1)
+    for name, low in (('num_steps', 1), ('log_every_steps', 1), ('keep_checkpoints', 1),
+                      ('ckpt_every_steps', 0), ('keep_every_steps', 0), ('sample_every_steps', 0)):
+        _check(config, f'train.{name}', _at_least(low), f'>= {low}')
 
     # mesh and batch split
-    _check_choice(config, 'mesh.param_sharding', PARAM_SHARDINGS)
-    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
-    for axis, size in sizes.items():
-        if size < 1 and size != -1:
-            _fail(f'mesh.{axis}', size, '>= 1, or -1 for all remaining devices')
-    if list(sizes.values()).count(-1) > 1:
-        raise ValueError(f'config.mesh: at most one axis may be -1, got {sizes}')
+    _check(config, 'mesh.param_sharding', PARAM_SHARDINGS, '')
+    _check_batch_split(config, resolve_mesh(config.mesh, num_devices))
+
+
+def _check_batch_split(config: config_dict.ConfigDict, sizes: dict[str, int]) -> None:
+    """The batch (per micro-batch) splits over data x fsdp; axes still at -1 are unknown and skipped."""
     batch, accum = config.data.global_batch_size, config.optim.grad_accum_steps
     if batch % accum:
         _fail('data.global_batch_size', batch, f'a multiple of config.optim.grad_accum_steps={accum}')
     micro_batch = batch // accum
-    if num_devices is not None:
-        sizes = resolve_mesh(config, num_devices)
-    # The batch is split over data x fsdp (tensor-parallel devices share examples). Axes still at -1 are
-    # unknown without num_devices and are skipped.
     data_parallel = math.prod(size for axis, size in sizes.items() if axis != 'tensor' and size != -1)
     if micro_batch % data_parallel:
         what = (f'a micro-batch (global_batch_size / config.optim.grad_accum_steps = {micro_batch})'
                 if accum > 1 else 'a batch')
         _fail('data.global_batch_size', batch, f'{what} that is a multiple of the data-parallel size '
               f"{data_parallel} (config.mesh data={sizes['data']} x fsdp={sizes['fsdp']})")
-

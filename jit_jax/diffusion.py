@@ -9,7 +9,10 @@ Conventions (paper and official code):
   The default, and the only one that works at 256 px and above, is x-pred with a v-loss.
 
 Everything here is a pure function of arrays plus a frozen `FlowSpec`, so the jitted train step can
-close over the spec as a static argument. Images are NHWC; t is f32[b].
+close over the spec as a static argument. The spec validates its fields once, when it is built; the
+array functions trust it. Images are NHWC; t is f32[b]. One entry point per job: `draw` (the random
+quantities of a step), `loss_terms` / `loss` (the objective given draws or a key), plus
+`loss_given_draws`, the stable keyword form of `loss` used by external tools.
 
 Division rule (the t_eps clamp). The conversions of paper Table 1 divide by (1 - t) (x-pred) or by t
 (eps-pred). The official code only ever divides by 1 - t and always through max(1 - t, t_eps). We clamp
@@ -30,35 +33,73 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jit_jax import config_lib
+
 SPACES = ('x', 'eps', 'v')
 
 
-def _check_space(value: str, field: str) -> None:
-    """Raise a ValueError naming the config field unless ``value`` is one of x / eps / v."""
-    if value not in SPACES:
-        raise ValueError(f"{field}={value!r}: expected one of 'x', 'eps', 'v'")
+def _number(test: Callable[[float], bool], expected: str):
+    def check(value: Any) -> float | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # Floats, so FlowSpec(noise_scale=2) and FlowSpec(noise_scale=2.0) hash alike.
+        return float(value) if ok and test(value) else None
+    return check, expected
 
 
-def _check_t_eps(value: float, field: str) -> None:
-    """t_eps caps the conversion factors at 1/t_eps, so it must lie strictly inside (0, 1)."""
-    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
-        raise ValueError(f'{field}={value!r}: expected a number strictly between 0 and 1 (official 0.05)')
+def _space(value: Any) -> str | None:
+    return value if value in SPACES else None
 
 
-def _config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Accept an ml_collections ConfigDict, a plain mapping or any object with attributes."""
-    if cfg is None:
-        return {}
-    if hasattr(cfg, 'to_dict'):
-        return dict(cfg.to_dict())
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    return dict(vars(cfg))
+# config.diffusion field -> (check returning the normalised value or None, what is expected).
+_RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    'pred': (_space, "one of 'x', 'eps', 'v'"),
+    'loss': (_space, "one of 'x', 'eps', 'v'"),
+    'p_mean': _number(lambda v: True, 'a finite number'),
+    'p_std': _number(lambda v: v >= 0, 'a finite number >= 0 (a standard deviation)'),
+    't_eps': _number(lambda v: 0.0 < v < 1.0, 'a number strictly between 0 and 1 (official 0.05): it clamps '
+                     'every division by 1 - t'),
+    'noise_scale': _number(lambda v: v > 0, 'a number > 0 (1.0 at 256 px, 2.0 at 512 px)'),
+    'label_drop_prob': _number(lambda v: 0.0 <= v <= 1.0, 'a probability in [0, 1]'),
+}
+
+
+def checked(name: str, value: Any) -> Any:
+    """`value` of config.diffusion.<name>, normalised (numbers as float), or a ValueError naming the field.
+
+    The one place diffusion settings are checked: FlowSpec uses it for every field, SamplerSpec for the
+    two it shares (pred, t_eps).
+    """
+    check, expected = _RULES[name]
+    normalised = check(value)
+    if normalised is None:
+        raise ValueError(f'config.diffusion.{name}={value!r}: expected {expected}')
+    return normalised
+
+
+def config_fields(cfg: Any, group: str, names: tuple[str, ...], others: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields `names` of config group `group` (a ConfigDict or mapping), strictly.
+
+    A missing field or one that is neither in `names` nor in `others` (fields of the group that another
+    consumer reads) is a ValueError naming it: a spec is never silently built from defaults.
+    """
+    if not isinstance(cfg, Mapping) and not hasattr(cfg, 'items'):
+        raise ValueError(f'config.{group} is a {type(cfg).__name__}: expected a ConfigDict or mapping')
+    values = dict(cfg.items())
+    missing = [f'config.{group}.{name}' for name in names if name not in values]
+    unknown = [f'config.{group}.{name}' for name in values if name not in names and name not in others]
+    if missing or unknown:
+        raise ValueError(' and '.join(filter(None, [
+            f"missing field(s) {', '.join(missing)}" if missing else '',
+            f"unknown field(s) {', '.join(unknown)}" if unknown else ''])) + f' (expected {names + others})')
+    return {name: values[name] for name in names}
+
+
+_DEFAULTS = config_lib.base().diffusion  # the one source of defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,43 +107,26 @@ class FlowSpec:
     """Static settings of the training objective, built once from ``config.diffusion``.
 
     Frozen and hashable so a jitted train step can take it as a static argument. Field names follow
-    the config fields (``config.diffusion.<field>``); the official PyTorch flags are P_mean, P_std,
-    t_eps, noise_scale, label_drop_prob.
+    the config fields (``config.diffusion.<field>``) and the defaults are config_lib.base()'s; the
+    official PyTorch flags are P_mean, P_std, t_eps, noise_scale, label_drop_prob.
     """
 
-    pred: str = 'x'  # space of the network output
-    loss: str = 'v'  # space in which the squared error is taken
-    p_mean: float = -0.8  # logit-normal t: t = sigmoid(p_std * n + p_mean), n ~ N(0, 1)
-    p_std: float = 0.8
-    t_eps: float = 0.05  # clamp of every division by 1 - t (and by t, see the module docstring)
-    noise_scale: float = 1.0  # e = noise_scale * N(0, 1); image_size / 256 in the paper
-    label_drop_prob: float = 0.1  # probability of replacing a label by the null class (for CFG)
+    pred: str = _DEFAULTS.pred  # space of the network output
+    loss: str = _DEFAULTS.loss  # space in which the squared error is taken
+    p_mean: float = _DEFAULTS.p_mean  # logit-normal t: t = sigmoid(p_std * n + p_mean), n ~ N(0, 1)
+    p_std: float = _DEFAULTS.p_std
+    t_eps: float = _DEFAULTS.t_eps  # clamp of every division by 1 - t (and by t, see the module docstring)
+    noise_scale: float = _DEFAULTS.noise_scale  # e = noise_scale * N(0, 1); image_size / 256 in the paper
+    label_drop_prob: float = _DEFAULTS.label_drop_prob  # probability of a label becoming the null class
 
     def __post_init__(self):
-        _check_space(self.pred, 'config.diffusion.pred')
-        _check_space(self.loss, 'config.diffusion.loss')
-        for name in ('p_mean', 'p_std', 't_eps', 'noise_scale', 'label_drop_prob'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f'config.diffusion.{name}={value!r}: expected a finite number')
-            # Store floats so FlowSpec(noise_scale=2) and FlowSpec(noise_scale=2.0) hash alike.
-            object.__setattr__(self, name, float(value))
-        if self.p_std < 0:
-            raise ValueError(f'config.diffusion.p_std={self.p_std!r}: a standard deviation must be >= 0')
-        _check_t_eps(self.t_eps, 'config.diffusion.t_eps')
-        if self.noise_scale <= 0:
-            raise ValueError(f'config.diffusion.noise_scale={self.noise_scale!r}: expected > 0 '
-                             '(1.0 at 256 px, 2.0 at 512 px)')
-        if not 0.0 <= self.label_drop_prob <= 1.0:
-            raise ValueError(f'config.diffusion.label_drop_prob={self.label_drop_prob!r}: '
-                             'expected a probability in [0, 1]')
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, checked(field.name, getattr(self, field.name)))
 
     @classmethod
     def from_config(cls, cfg: Any) -> FlowSpec:
-        """Build from ``config.diffusion``; fields it lacks keep their defaults, unrelated ones are ignored."""
-        values = _config_to_dict(cfg)
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: values[name] for name in names if name in values})
+        """Build from ``config.diffusion``: every field must be there, and nothing else."""
+        return cls(**config_fields(cfg, 'diffusion', tuple(f.name for f in dataclasses.fields(cls))))
 
 
 def _expand_t(t: jax.Array, like: jax.Array) -> jax.Array:
@@ -120,8 +144,19 @@ def interpolate(x: jax.Array, e: jax.Array, t: jax.Array) -> jax.Array:
     return t * x + (1.0 - t) * e  # f32[b, h, w, c]
 
 
+# (pred, space) -> the value in `space` of a network output `out` in `pred` space (paper Table 1).
+_CONVERSIONS = {
+    ('x', 'eps'): lambda out, z, t, t_eps: (z - t * out) / jnp.maximum(1.0 - t, t_eps),
+    ('x', 'v'): lambda out, z, t, t_eps: (out - z) / jnp.maximum(1.0 - t, t_eps),  # the official v_pred
+    ('eps', 'x'): lambda out, z, t, t_eps: (z - (1.0 - t) * out) / jnp.maximum(t, t_eps),  # our clamp
+    ('eps', 'v'): lambda out, z, t, t_eps: (z - out) / jnp.maximum(t, t_eps),
+    ('v', 'x'): lambda out, z, t, t_eps: z + (1.0 - t) * out,  # v-pred: no division at all
+    ('v', 'eps'): lambda out, z, t, t_eps: z - t * out,
+}
+
+
 def convert_output(out: jax.Array, z: jax.Array, t: jax.Array, *, pred: str, space: str,
-                   t_eps: float = 0.05) -> jax.Array:
+                   t_eps: float = _DEFAULTS.t_eps) -> jax.Array:
     """Re-express a network output given in ``pred`` space as the matching value in ``space``.
 
     Paper Table 1 with z = t x + (1 - t) e and v = x - e, every divisor clamped by t_eps:
@@ -134,41 +169,23 @@ def convert_output(out: jax.Array, z: jax.Array, t: jax.Array, *, pred: str, spa
     same as guiding the raw output, and why `target` uses it too. Computed in float32 whatever the
     network's dtype (a bf16 x-pred divided by 0.05 would lose most of its mantissa).
     """
-    _check_space(pred, 'pred')
-    _check_space(space, 'space')
     out = jnp.asarray(out, jnp.float32)
-    z = jnp.asarray(z, jnp.float32)
-    t = _expand_t(t, z)  # f32[b, 1, 1, 1]
     if pred == space:
         return out
-    if pred == 'x':
-        one_minus_t = jnp.maximum(1.0 - t, t_eps)  # near t = 1 we would divide by ~0
-        if space == 'eps':
-            return (z - t * out) / one_minus_t
-        return (out - z) / one_minus_t  # v: the official v_pred
-    if pred == 'eps':
-        t_clamped = jnp.maximum(t, t_eps)  # our clamp: the sampler's first call is at t = 0
-        if space == 'x':
-            return (z - (1.0 - t) * out) / t_clamped
-        return (z - out) / t_clamped  # v
-    # pred == 'v': no division at all.
-    if space == 'x':
-        return z + (1.0 - t) * out
-    return z - t * out  # eps
+    if (pred, space) not in _CONVERSIONS:
+        raise ValueError(f'pred={pred!r}, space={space!r}: expected spaces from {SPACES}')
+    z = jnp.asarray(z, jnp.float32)
+    return _CONVERSIONS[pred, space](out, z, _expand_t(t, z), t_eps)
 
 
 def true_value(x: jax.Array, e: jax.Array, *, space: str) -> jax.Array:
     """The exact, unclamped quantity in ``space``: x, e, or v = x - e."""
-    _check_space(space, 'space')
-    if space == 'x':
-        return jnp.asarray(x, jnp.float32)
-    if space == 'eps':
-        return jnp.asarray(e, jnp.float32)
-    return jnp.asarray(x, jnp.float32) - jnp.asarray(e, jnp.float32)
+    x, e = jnp.asarray(x, jnp.float32), jnp.asarray(e, jnp.float32)
+    return {'x': lambda: x, 'eps': lambda: e, 'v': lambda: x - e}[space]()
 
 
 def target(x: jax.Array, e: jax.Array, z: jax.Array, t: jax.Array, *, space: str, pred: str = 'x',
-           t_eps: float = 0.05) -> jax.Array:
+           t_eps: float = _DEFAULTS.t_eps) -> jax.Array:
     """The regression target in the loss ``space`` for a network that predicts in ``pred`` space.
 
     It is `convert_output` applied to the true pred-space value (x, e or x - e), so prediction and
@@ -184,7 +201,6 @@ def target(x: jax.Array, e: jax.Array, z: jax.Array, t: jax.Array, *, space: str
     network output can remove (e.g. x-pred, v-loss: (x - z)/t_eps - (x - e) != 0 at x_hat = x), which
     biases the minimiser; this form keeps the true value the exact minimiser.
     """
-    _check_space(pred, 'pred')
     return convert_output(true_value(x, e, space=pred), z, t, pred=pred, space=space, t_eps=t_eps)
 
 
@@ -224,7 +240,7 @@ def draw(key: jax.Array, x: jax.Array, spec: FlowSpec) -> Draws:
 
 
 class LossTerms(NamedTuple):
-    """Everything `loss_terms_given_draws` computed, for tests and diagnostics (a pytree)."""
+    """Everything `loss_terms` computed, for tests and diagnostics (a pytree)."""
 
     z: jax.Array  # f32[b, h, w, c] network input
     labels: jax.Array  # i32[b] labels the network saw (dropped ones = null class)
@@ -235,61 +251,52 @@ class LossTerms(NamedTuple):
     loss: jax.Array  # f32[] batch mean
 
 
-def loss_terms_given_draws(model: Any, x: jax.Array, y: jax.Array, t: jax.Array, e: jax.Array,
-                           drop_mask: jax.Array, *, pred: str = 'x', loss: str = 'v', t_eps: float = 0.05,
-                           dropout_key: jax.Array | None = None) -> LossTerms:
-    """`loss_given_draws` plus its intermediate values (same arguments, see there)."""
-    _check_space(pred, 'pred')
-    _check_space(loss, 'loss')
+def loss_terms(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array, spec: FlowSpec,
+               dropout_key: jax.Array | None = None) -> LossTerms:
+    """The training objective and its intermediate values: the official Denoiser.forward.
+
+    Args:
+        model: callable ``model(z, t, y[, dropout_key=])`` -> f32[b, h, w, c] in ``spec.pred`` space,
+            with ``model.num_classes`` = the null label id.
+        x: f32[b, h, w, c] clean images in [-1, 1].
+        y: i32[b] labels.
+        draws: the step's `Draws` (t f32[b], e f32[b, h, w, c] already times noise_scale, drop_mask
+            bool[b]), or a PRNG key to `draw` them from with ``spec``. Given draws let parity tests feed
+            the official ones and let the train step split one batch's draws into micro-batches.
+        spec: the objective (pred, loss, t_eps; the draw settings when ``draws`` is a key).
+        dropout_key: passed to the model only when given (no dropout otherwise). Positional-or-keyword
+            on purpose: nnx.value_and_grad rejects functions with keyword-only parameters.
+    """
     x = jnp.asarray(x, jnp.float32)  # f32[b, h, w, c]
+    t, e, drop_mask = draws if isinstance(draws, Draws) else draw(draws, x, spec)
     e = jnp.asarray(e, jnp.float32)
     t = jnp.asarray(t, jnp.float32).reshape(x.shape[0])  # f32[b]
     null = jnp.asarray(model.num_classes, jnp.int32)
     labels = jnp.where(jnp.asarray(drop_mask, bool), null, jnp.asarray(y, jnp.int32))  # i32[b]
     z = interpolate(x, e, t)
-    if dropout_key is None:
-        net_out = model(z, t, labels)
-    else:
-        net_out = model(z, t, labels, dropout_key=dropout_key)
+    net_out = model(z, t, labels) if dropout_key is None else model(z, t, labels, dropout_key=dropout_key)
     net_out = jnp.asarray(net_out, jnp.float32)  # loss math in f32 even for a bf16 network
-    prediction = convert_output(net_out, z, t, pred=pred, space=loss, t_eps=t_eps)
-    goal = target(x, e, z, t, space=loss, pred=pred, t_eps=t_eps)
+    prediction = convert_output(net_out, z, t, pred=spec.pred, space=spec.loss, t_eps=spec.t_eps)
+    goal = target(x, e, z, t, space=spec.loss, pred=spec.pred, t_eps=spec.t_eps)
     loss_per_sample = jnp.mean(jnp.square(goal - prediction), axis=tuple(range(1, x.ndim)))  # f32[b]
     return LossTerms(z=z, labels=labels, net_out=net_out, prediction=prediction, target=goal,
                      loss_per_sample=loss_per_sample, loss=jnp.mean(loss_per_sample))
 
 
-def loss_given_draws(model: Any, x: jax.Array, y: jax.Array, t: jax.Array, e: jax.Array,
-                     drop_mask: jax.Array, *, pred: str = 'x', loss: str = 'v', t_eps: float = 0.05,
-                     dropout_key: jax.Array | None = None) -> jax.Array:
-    """Training loss for given random draws: the official Denoiser.forward without its RNG.
-
-    Args:
-        model: callable ``model(z, t, y[, dropout_key=])`` -> f32[b, h, w, c] in ``pred`` space, with
-            ``model.num_classes`` = the null label id.
-        x: f32[b, h, w, c] clean images in [-1, 1].
-        y: i32[b] labels.
-        t: f32[b] times (1 = clean).
-        e: f32[b, h, w, c] noise, already multiplied by noise_scale.
-        drop_mask: bool[b]; True replaces the label by ``model.num_classes``.
-        dropout_key: passed to the model only when given (no dropout otherwise).
-
-    Returns:
-        f32[] the batch mean of the per-sample mean over (h, w, c) of the squared error in ``loss``
-        space. Kept separate from the draws so parity tests can feed the official draws.
-    """
-    return loss_terms_given_draws(model, x, y, t, e, drop_mask, pred=pred, loss=loss, t_eps=t_eps,
-                                  dropout_key=dropout_key).loss
-
-
-def loss(model: Any, x: jax.Array, y: jax.Array, key: jax.Array, spec: FlowSpec,
+def loss(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array, spec: FlowSpec,
          dropout_key: jax.Array | None = None) -> jax.Array:
-    """Draw (t, e, drop mask) from ``key`` with ``spec`` and return the scalar training loss.
+    """f32[] training loss, `loss_terms(...).loss`: e.g. ``nnx.value_and_grad(loss)(model, x, y, key, spec)``."""
+    return loss_terms(model, x, y, draws, spec, dropout_key).loss
 
-    Meant for ``nnx.value_and_grad(diffusion.loss)(model, x, y, key, spec)`` inside a jitted step with
-    ``spec`` static. x f32[b, h, w, c], y i32[b]. ``dropout_key`` is positional-or-keyword on purpose:
-    nnx.value_and_grad rejects functions with keyword-only parameters.
+
+def loss_given_draws(model: Any, x: jax.Array, y: jax.Array, t: jax.Array, e: jax.Array,
+                     drop_mask: jax.Array, *, pred: str = _DEFAULTS.pred, loss: str = _DEFAULTS.loss,
+                     t_eps: float = _DEFAULTS.t_eps, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Training loss for given random draws (the official Denoiser.forward without its RNG), by keyword.
+
+    The stable form for external tools; the same as ``loss(model, x, y, Draws(t, e, drop_mask),
+    FlowSpec(pred=pred, loss=loss, t_eps=t_eps), dropout_key)``. Shapes as in `loss_terms`. Returns the
+    batch mean of the per-sample mean over (h, w, c) of the squared error in ``loss`` space.
     """
-    draws = draw(key, x, spec)
-    return loss_given_draws(model, x, y, draws.t, draws.e, draws.drop_mask, pred=spec.pred,
-                            loss=spec.loss, t_eps=spec.t_eps, dropout_key=dropout_key)
+    spec = FlowSpec(pred=pred, loss=loss, t_eps=t_eps)
+    return loss_terms(model, x, y, Draws(t, e, drop_mask), spec, dropout_key).loss

@@ -1,6 +1,8 @@
 """python -m jit_jax.main --config configs/<file>.py[:overrides] --workdir DIR [--config.x.y=value ...]
 
-Trains (resuming from the newest checkpoint in DIR when there is one), logs to TensorBoard event files in
+The config is built as config_lib.load builds it: the file's get_config(overrides), then the
+`--config.x.y=value` field flags, then config_lib.finalize, which evaluates the derived fields (step
+counts from epochs, the periods of configs/default.py) after all of them. Trains (resuming from the newest checkpoint in DIR when there is one), logs to TensorBoard event files in
 DIR and to the console, and writes sample grids to DIR/samples. On multi-host systems start the same
 command on every host; jax.distributed is initialised from the environment (TPU pods, SLURM) or from
 --coordinator_address / --num_processes / --process_id.
@@ -61,11 +63,11 @@ def main(argv: list[str]) -> None:
     _initialise_distributed()
     import jax  # pylint: disable=import-outside-toplevel
 
-    from jit_jax import train  # pylint: disable=import-outside-toplevel
+    from jit_jax import config_lib, train  # pylint: disable=import-outside-toplevel
 
     logging.info('JAX processes %d, local devices %d, global devices %d (%s)', jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train.train_and_evaluate(config_lib.finalize(_CONFIG.value), _WORKDIR.value)
     logging.info('finished: %s', result)
     if jax.process_count() > 1:
         jax.distributed.shutdown()

@@ -25,6 +25,11 @@ What we do differently, without changing the numbers:
   `Schedule`), so the network appears once in the program whatever the method and step count.
 * The network output is converted to a velocity with `diffusion.convert_output`, so x-, eps- and
   v-prediction networks all sample.
+
+Entry points, one per job, each taking a `SamplerSpec` (which validated itself when built):
+`sample_with_spec` (from given noise), `sample_from_seed` (noise drawn from a key, laid out like the
+labels), `sample_step` (one ODE step, for per-step parity); `sample` is the stable keyword form of
+`sample_with_spec` for external tools.
 """
 
 from __future__ import annotations
@@ -40,73 +45,67 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jit_jax import diffusion
+from jit_jax import config_lib, diffusion
 
 METHODS = ('heun', 'euler')
-
-# Which config group holds each SamplerSpec field, for error messages.
-_FIELD_GROUP = {
-    'method': 'sampler', 'num_steps': 'sampler', 'cfg_scale': 'sampler', 'interval_min': 'sampler',
-    'interval_max': 'sampler', 't_eps': 'diffusion', 'pred': 'diffusion',
-}
+_SAMPLER = config_lib.base().sampler  # the one source of defaults
+_DIFFUSION = config_lib.base().diffusion
+# config.sampler fields that the training loop reads, not the sampler.
+LOOP_FIELDS = ('ema', 'num_images')
 
 
-def _field(name: str) -> str:
-    return f'config.{_FIELD_GROUP[name]}.{name}'
+def _check(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f'config.sampler.{name}={value!r}: expected {expected}')
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """Static sampler settings (``config.sampler`` plus t_eps and pred from ``config.diffusion``).
 
-    Frozen and hashable: it is a static argument of the compiled sampler. Official flags:
-    sampling_method, num_sampling_steps, cfg, interval_min, interval_max.
+    Frozen and hashable: it is a static argument of the compiled sampler. Defaults are config_lib.base()'s.
+    Official flags: sampling_method, num_sampling_steps, cfg, interval_min, interval_max.
     """
 
-    method: str = 'heun'
-    num_steps: int = 50
-    cfg_scale: float = 1.0
-    interval_min: float = 0.0
-    interval_max: float = 1.0
-    t_eps: float = 0.05
-    pred: str = 'x'
+    method: str = _SAMPLER.method
+    num_steps: int = _SAMPLER.num_steps
+    cfg_scale: float = _SAMPLER.cfg_scale
+    interval_min: float = _SAMPLER.interval_min
+    interval_max: float = _SAMPLER.interval_max
+    t_eps: float = _DIFFUSION.t_eps
+    pred: str = _DIFFUSION.pred
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"{_field('method')}={self.method!r}: expected 'heun' or 'euler'")
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)):
-            raise ValueError(f"{_field('num_steps')}={self.num_steps!r}: expected an integer >= 1")
-        if self.num_steps < 1:
-            raise ValueError(f"{_field('num_steps')}={self.num_steps!r}: expected an integer >= 1")
-        object.__setattr__(self, 'num_steps', int(self.num_steps))
-        for name in ('cfg_scale', 'interval_min', 'interval_max', 't_eps'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f'{_field(name)}={value!r}: expected a finite number')
-            object.__setattr__(self, name, float(value))
-        if self.cfg_scale < 0:
-            raise ValueError(f"{_field('cfg_scale')}={self.cfg_scale!r}: expected >= 0 (1.0 = no guidance)")
-        if self.interval_min < 0:
-            raise ValueError(f"{_field('interval_min')}={self.interval_min!r}: expected >= 0")
-        if self.interval_min > self.interval_max:
-            raise ValueError(f"{_field('interval_min')}={self.interval_min!r} is greater than "
-                             f"{_field('interval_max')}={self.interval_max!r}: the CFG interval would be empty")
-        if not 0.0 < self.t_eps < 1.0:
-            raise ValueError(f"{_field('t_eps')}={self.t_eps!r}: expected a number strictly between 0 and 1")
-        if self.pred not in diffusion.SPACES:
-            raise ValueError(f"{_field('pred')}={self.pred!r}: expected one of 'x', 'eps', 'v'")
+        _check('method', self.method, self.method in METHODS, "'heun' or 'euler'")
+        steps = self.num_steps
+        _check('num_steps', steps, isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
+               and steps >= 1, 'an integer >= 1')
+        object.__setattr__(self, 'num_steps', int(steps))
+        for name in ('cfg_scale', 'interval_min', 'interval_max'):
+            _check(name, getattr(self, name), _is_number(getattr(self, name)), 'a finite number')
+            object.__setattr__(self, name, float(getattr(self, name)))
+        _check('cfg_scale', self.cfg_scale, self.cfg_scale >= 0, '>= 0 (1.0 = no guidance)')
+        _check('interval_min', self.interval_min, 0 <= self.interval_min <= self.interval_max,
+               f'in [0, config.sampler.interval_max={self.interval_max}]: the CFG interval must not be empty')
+        _check('interval_max', self.interval_max, self.interval_max <= 1, '<= 1')
+        for name in ('t_eps', 'pred'):  # config.diffusion fields, checked by their one rule
+            object.__setattr__(self, name, diffusion.checked(name, getattr(self, name)))
 
     @classmethod
-    def from_config(cls, sampler_cfg: Any, diffusion_cfg: Any = None) -> SamplerSpec:
-        """Build from ``config.sampler`` (and ``config.diffusion`` for t_eps / pred).
+    def from_config(cls, sampler_cfg: Any, diffusion_cfg: Any) -> SamplerSpec:
+        """Build from ``config.sampler`` and ``config.diffusion`` (t_eps, pred), strictly.
 
-        Fields a group lacks keep their defaults; unrelated fields (ema, num_images) are ignored.
+        Every field must be there; a field the groups should not have is an error naming it.
         """
-        values = {}
-        for group, cfg in (('sampler', sampler_cfg), ('diffusion', diffusion_cfg)):
-            given = diffusion._config_to_dict(cfg)  # pylint: disable=protected-access
-            values.update({k: given[k] for k, g in _FIELD_GROUP.items() if g == group and k in given})
-        return cls(**values)
+        shared = ('t_eps', 'pred')
+        own = tuple(f.name for f in dataclasses.fields(cls) if f.name not in shared)
+        flow = tuple(f.name for f in dataclasses.fields(diffusion.FlowSpec) if f.name not in shared)
+        return cls(**diffusion.config_fields(sampler_cfg, 'sampler', own, LOOP_FIELDS),
+                   **diffusion.config_fields(diffusion_cfg, 'diffusion', shared, flow))
 
 
 def time_grid(num_steps: int) -> np.ndarray:
@@ -278,10 +277,14 @@ def sample_with_spec(model: Any, noise: jax.Array, labels: jax.Array, spec: Samp
                        return_trajectory=bool(return_trajectory))
 
 
-def sample(model: Any, noise: jax.Array, labels: jax.Array, *, method: str = 'heun', num_steps: int = 50,
-           cfg_scale: float = 1.0, interval_min: float = 0.0, interval_max: float = 1.0,
-           t_eps: float = 0.05, pred: str = 'x', skip_uncond: bool = True, return_trajectory: bool = False):
+def sample(model: Any, noise: jax.Array, labels: jax.Array, *, method: str = SamplerSpec.method,
+           num_steps: int = SamplerSpec.num_steps, cfg_scale: float = SamplerSpec.cfg_scale,
+           interval_min: float = SamplerSpec.interval_min, interval_max: float = SamplerSpec.interval_max,
+           t_eps: float = SamplerSpec.t_eps, pred: str = SamplerSpec.pred, skip_uncond: bool = True,
+           return_trajectory: bool = False):
     """Integrate dz/dt = V(z, t) from t = 0 to t = 1 in one compiled program; returns NHWC images.
+
+    The stable keyword form of `sample_with_spec` for external tools.
 
     Args:
         model: NNX module ``model(z, t, y)`` -> f32[b, h, w, c] in ``pred`` space, with
@@ -290,7 +293,8 @@ def sample(model: Any, noise: jax.Array, labels: jax.Array, *, method: str = 'he
             official generator does it: z_0 = noise_scale * N(0, 1) (this function does not scale it).
             It may carry a NamedSharding over the batch; it is not moved to one device.
         labels: i32[b] class labels (``model.num_classes`` gives an unconditional sample).
-        method, num_steps, cfg_scale, interval_min, interval_max, t_eps, pred: see `SamplerSpec`.
+        method, num_steps, cfg_scale, interval_min, interval_max, t_eps, pred: see `SamplerSpec` (the
+            defaults are config_lib.base()'s: Heun 50 steps, CFG 3.0 on [0.1, 1]).
         skip_uncond: skip the unconditional pass where w(t) == 1 (same results, fewer forwards).
         return_trajectory: also return the per-step states.
 
@@ -331,8 +335,7 @@ def sample_from_seed(model: Any, labels: jax.Array, key: jax.Array, spec: Sample
     image_shape is (h, w, c). If labels carry a NamedSharding, the noise is created with the same
     batch sharding (generated sharded, never gathered on one device).
     """
-    if not noise_scale > 0:
-        raise ValueError(f'config.diffusion.noise_scale={noise_scale!r}: expected > 0')
+    noise_scale = diffusion.checked('noise_scale', noise_scale)
     shape = (int(np.shape(labels)[0]),) + tuple(int(s) for s in image_shape)
     if len(shape) != 4:
         raise ValueError(f'image_shape must be (h, w, c); got {image_shape}')

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jit_jax import config_lib
+
 AXES = ('data', 'fsdp')
 BATCH = P(AXES)  # the batch axis splits over every device
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than storing them.
@@ -29,23 +31,7 @@ def make_mesh(mesh_config: Any, devices=None) -> Mesh:
     sharded contraction dimension needs an explicit out_sharding everywhere in the model.
     """
     devices = list(jax.devices() if devices is None else devices)
-    tensor = int(mesh_config.get('tensor', 1)) if hasattr(mesh_config, 'get') else 1
-    if tensor != 1:
-        raise ValueError(f'config.mesh.tensor={tensor}: only 1 is supported (JiT up to G trains with data '
-                         'and fsdp parallelism; tensor parallelism is not implemented)')
-    sizes = {axis: int(mesh_config[axis]) for axis in AXES}
-    auto = [axis for axis, size in sizes.items() if size == -1]
-    if len(auto) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-        raise ValueError(f'config.mesh: data={sizes["data"]}, fsdp={sizes["fsdp"]}; expected positive sizes '
-                         'with at most one -1 (= all remaining devices)')
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if auto:
-        if len(devices) % fixed:
-            raise ValueError(f'config.mesh: {len(devices)} devices do not divide by the fixed axes {sizes}')
-        sizes[auto[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f'config.mesh: data x fsdp = {sizes["data"]} x {sizes["fsdp"]} but there are '
-                         f'{len(devices)} devices')
+    sizes = config_lib.resolve_mesh(mesh_config, len(devices))  # the one mesh rule (-1 axis, tensor = 1)
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                          devices=devices)
 

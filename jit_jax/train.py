@@ -79,9 +79,7 @@ def init_state(graphdef: Any, model_config: model_lib.JiTConfig, tx: optax.Gradi
 
 def _loss(params, graphdef, x, y, draws: diffusion.Draws, dropout_key, spec: StepSpec):
     model = nnx.merge(graphdef, params)
-    return diffusion.loss_given_draws(model, x, y, draws.t, draws.e, draws.drop_mask, pred=spec.flow.pred,
-                                      loss=spec.flow.loss, t_eps=spec.flow.t_eps,
-                                      dropout_key=dropout_key if spec.dropout else None)
+    return diffusion.loss(model, x, y, draws, spec.flow, dropout_key if spec.dropout else None)
 
 
 def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTransformation,

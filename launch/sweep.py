@@ -2,7 +2,7 @@
 collect the cells' final metrics into one table.
 
     python launch/sweep.py --config configs/default.py --workdir /tmp/sweep \\
-        --grid patch=4,8 --grid bottleneck=8,16,full [--set cfg=2.0] [--run] [-- --extra_main_flag=...]
+        --grid patch=4,8 --grid bottleneck=8,16,0 [--set cfg=2.0] [--run] [-- --extra_main_flag=...]
     ... --emit slurm [--cells_file cells.txt] [--run]   # one SLURM array job, one task per cell
     ... --emit tpu --tpu_flags='--zone=Z --repo=URL --ref=REF --spot' [--run]  # one TPU slice per cell
     ... --collect                                       # table of final loss (and FID) per cell
@@ -27,7 +27,6 @@ Workdirs may be local or gs:// (etils.epath / tf.io.gfile); no pathlib on them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import os
 import json
@@ -160,26 +159,12 @@ def collect(workdir: str, grid: Sequence[str]) -> str:
     return '\n'.join(lines)
 
 
-def load_config(config_file: str, arg: str):
-    """Build a config exactly as ml_collections.config_flags does: import the file, call get_config(arg).
-
-    The only place this tool loads config files."""
-    path = pathlib.Path(config_file)
-    spec = importlib.util.spec_from_file_location(f'_sweep_config_{path.stem}', path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f'--config {config_file!r}: not a Python file')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def check(argvs: Sequence[Sequence[str]]) -> None:
-    """Build and validate every cell's config (device-independent checks only)."""
+    """Build and validate every cell's config (config_lib.load: device-independent checks only)."""
     for argv in argvs:
         spec = next(a for a in argv if a.startswith('--config=')).removeprefix('--config=')
-        config_file, _, arg = spec.partition(':')
         try:
-            config_lib.validate(load_config(config_file, arg))
+            config_lib.load(spec)
         except ValueError as error:
             raise ValueError(f'cell {spec!r}: {error}') from None
 

@@ -13,6 +13,7 @@ import itertools
 import pathlib
 import re
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_dict, config_flags
@@ -27,12 +28,8 @@ PAPER_NAME = re.compile(r'jit_([blhg])(\d+)_in(\d+)\.py')
 
 
 def load(name: str, arg: str | None = None) -> config_dict.ConfigDict:
-    """Import configs/<name> the way ml_collections.config_flags does and call get_config."""
-    path = REPO / 'configs' / name
-    spec = importlib.util.spec_from_file_location(f'config_under_test_{path.stem}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    """configs/<name>[:arg] through the project's one loader."""
+    return config_lib.load(f"{REPO / 'configs' / name}{':' + arg if arg else ''}")
 
 
 def load_sweep():
@@ -74,7 +71,7 @@ def test_paper_config_is_its_preset(name):
     assert config.model.preset == preset
     assert config.data.image_size == image_size
     want = dataclasses.replace(model_lib.PRESETS[preset], input_size=image_size, num_classes=1000,
-                               dtype='bfloat16', param_dtype='float32')
+                               dtype='bfloat16', param_dtype='float32', custom_vjp='auto')
     assert config_lib.model_config(config) == want
     assert want.num_patches == 256  # every paper model sees 16 x 16 tokens
 
@@ -138,18 +135,21 @@ def test_base_is_locked_and_official():
         config.model.pach_size = 8  # a typo must not add a field
     assert config_lib.lr(config) == pytest.approx(2e-4)
     assert config_lib.model_config(config) == dataclasses.replace(
-        model_lib.PRESETS['JiT-B/16'], dtype='bfloat16')
+        model_lib.PRESETS['JiT-B/16'], dtype='bfloat16', custom_vjp='auto')
     config.optim.lr = 1e-3
     assert config_lib.lr(config) == 1e-3
 
 
-def test_epochs_to_steps():
+def test_epochs_to_steps_is_lazy_and_rounds():
     config = config_lib.base()
     assert config_lib.steps_per_epoch(config) == 1251
-    assert config_lib.epochs_to_steps(config, 600) == 750_600
+    steps = config_lib.epochs_to_steps(config, 600)
+    assert steps.get() == 750_600 and config_lib.epochs_to_steps(config, 0.5).get() == 626  # 625.5 rounds up
+    config.data.global_batch_size = 512  # the rule follows the batch, as base()'s warmup does
+    assert steps.get() == 600 * 2502 and config.optim.warmup_steps == 5 * 2502
     config.data.global_batch_size = 2_000_000
     with pytest.raises(ValueError, match='config.data.num_train_examples'):
-        config_lib.steps_per_epoch(config)
+        config_lib.finalize(config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,13 +168,12 @@ def test_overrides_apply_with_types():
     assert config_lib.model_config(config).patch_size == 8
 
 
-def test_override_bottleneck_full_and_none():
-    config = load('default.py', 'patch=8,bottleneck=full')
-    assert config_lib.model_config(config).bottleneck_dim == 8 * 8 * 3
-    config = load('jit_b16_in256.py', 'bottleneck=32')
-    assert config_lib.model_config(config).bottleneck_dim == 32
-    config = config_lib.apply_overrides(config, 'bottleneck=none')  # back to the preset's 128
-    assert config_lib.model_config(config).bottleneck_dim == model_lib.PRESETS['JiT-B/16'].bottleneck_dim
+def test_full_rank_bottleneck_has_one_spelling():
+    config = load('default.py', 'patch=8,bottleneck=0')
+    assert config.model.bottleneck_dim == 0 and config_lib.model_config(config).bottleneck_dim == 8 * 8 * 3
+    assert config_lib.model_config(load('jit_b16_in256.py', 'bottleneck=32')).bottleneck_dim == 32
+    with pytest.raises(ValueError, match='config.model.bottleneck_dim'):
+        load('default.py', 'bottleneck=full')
 
 
 def test_override_epochs_use_final_batch():
@@ -190,12 +189,29 @@ def test_empty_override_changes_nothing():
     assert load('default.py', '').to_dict() == load('default.py').to_dict()
 
 
+def test_derived_fields_follow_the_final_overrides():
+    config = load('default.py', 'steps=2000')
+    assert (config.optim.warmup_steps, config.train.ckpt_every_steps, config.train.sample_every_steps) == (
+        200, 1000, 1000)
+    assert config.optim.ema_decays == pytest.approx((2000 / 2004, 2000 / 2008))
+    assert load('default.py', 'steps=1').optim.ema_decays == pytest.approx((1 / 5, 1 / 9))  # valid when short
+    # An override of a derived field replaces its rule; the other rules still follow num_steps.
+    config = load('default.py', 'steps=2000,warmup=7')
+    assert config.optim.warmup_steps == 7 and config.train.ckpt_every_steps == 1000
+    assert load('default.py', 'epochs=2').train.num_steps == 2 * (50_000 // 64)
+    # The paper noise rule image_size / 256 follows an image size override.
+    assert load('jit_b16_in256.py', 'img_size=512').diffusion.noise_scale == 2.0
+    with pytest.raises(ValueError, match='both set config.train.num_steps'):
+        load('jit_b16_in256.py', 'epochs=200,steps=10')
+
+
 @pytest.mark.parametrize('arg,message', [
     ('pach=8', "unknown override key 'pach'"),
     ('model.pach_size=8', "unknown override key 'model.pach_size'"),
     ('optim=1', 'names the group config.optim'),
     ('patch', "expected key=value"),
     ('patch=8,patch=4', "'patch' given twice"),
+    ('patch=8,model.patch_size=4', 'both set config.model.patch_size'),
     ('patch=abc', 'config.model.patch_size'),
     ('cfg=high', 'config.sampler.cfg_scale'),
     ('model.scan_blocks=maybe', 'config.model.scan_blocks'),
@@ -251,7 +267,10 @@ BAD_CASES = {
     'in-context start past depth': (_set('model.in_context_start', 4), 'config.model.in_context_start'),
     'pred space': (_set('diffusion.pred', 'z'), 'config.diffusion.pred'),
     'loss space': (_set('diffusion.loss', 'score'), 'config.diffusion.loss'),
-    'label drop 1': (_set('diffusion.label_drop_prob', 1.0), 'config.diffusion.label_drop_prob'),
+    'label drop above 1': (_set('diffusion.label_drop_prob', 1.5), 'config.diffusion.label_drop_prob'),
+    'unknown custom_vjp': (_set('model.custom_vjp', 'yes'), 'config.model.custom_vjp'),
+    'interval max above 1': (_set('sampler.interval_max', 1.5), 'config.sampler.interval_max'),
+    'tensor parallel': (_set('mesh.tensor', 2), 'config.mesh.tensor'),
     'sampler method': (_set('sampler.method', 'rk4'), 'config.sampler.method'),
     'sampler steps 0': (_set('sampler.num_steps', 0), 'config.sampler.num_steps'),
     'interval reversed': (_set_many(sampler__interval_min=0.6, sampler__interval_max=0.5),
@@ -297,9 +316,26 @@ def test_validate_checks_batch_against_devices():
 
 
 def test_resolve_mesh_fills_the_auto_axis():
-    config = load('jit_h16_in256.py')
-    assert config_lib.resolve_mesh(config, 16) == {'data': 1, 'fsdp': 16, 'tensor': 1}
-    assert config_lib.resolve_mesh(load('default.py'), 8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
+    assert config_lib.resolve_mesh(load('jit_h16_in256.py').mesh, 16) == {'data': 1, 'fsdp': 16, 'tensor': 1}
+    assert config_lib.resolve_mesh(load('default.py').mesh, 8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
+    assert config_lib.resolve_mesh({'data': 2, 'fsdp': -1}) == {'data': 2, 'fsdp': -1, 'tensor': 1}
+
+
+@pytest.mark.parametrize('mesh,devices,message', [
+    ({'data': -1, 'fsdp': -1}, 8, 'at most one axis may be -1'),
+    ({'data': 0, 'fsdp': 1}, 8, 'expected sizes >= 1'),
+    ({'data': 3, 'fsdp': -1}, 8, 'do not divide'),
+    ({'data': 2, 'fsdp': 2}, 8, 'multiply to 4'),
+])
+def test_one_mesh_rule_for_validate_and_make_mesh(mesh, devices, message):
+    """validate() and sharding.make_mesh reject a bad mesh with the same rule and the same words."""
+    from jit_jax import sharding  # pylint: disable=import-outside-toplevel
+
+    config = _set_many(mesh__data=mesh['data'], mesh__fsdp=mesh['fsdp'])(load('default.py'))
+    for check in (lambda: config_lib.validate(config, num_devices=devices),
+                  lambda: sharding.make_mesh(mesh, devices=jax.devices()[:devices])):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,7 +344,7 @@ def test_resolve_mesh_fills_the_auto_axis():
 
 def test_sweep_is_the_cartesian_product():
     sweep = load_sweep()
-    argvs = sweep.commands('configs/default.py', '/tmp/sweep', ['patch=4,8', 'bottleneck=8,16,full'],
+    argvs = sweep.commands('configs/default.py', '/tmp/sweep', ['patch=4,8', 'bottleneck=8,16,0'],
                            base_overrides='steps=10', python='python')
     assert len(argvs) == 6
     cells = set()
@@ -320,7 +356,7 @@ def test_sweep_is_the_cartesian_product():
         pairs = dict(config_lib.parse_overrides(arg))
         assert pairs['steps'] == '10'
         cells.add((pairs['patch'], pairs['bottleneck']))
-    assert cells == set(itertools.product(['4', '8'], ['8', '16', 'full']))
+    assert cells == set(itertools.product(['4', '8'], ['8', '16', '0']))
     workdirs = [a for argv in argvs for a in argv if a.startswith('--workdir=')]
     assert len(set(workdirs)) == 6 and all(w.startswith('--workdir=/tmp/sweep/') for w in workdirs)
 
@@ -343,24 +379,53 @@ def test_sweep_cells_build_valid_configs(monkeypatch, capsys):
 
 
 def _parse_flags(argv):
+    """What jit_jax.main does: config_flags reads the file and the field flags, then finalize."""
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True, sys_argv=argv)
     flag_values(argv)
-    return flag_values.config
+    return config_lib.finalize(flag_values.config)
 
 
 def test_config_flags_file_arg_and_field_overrides():
     path = REPO / 'configs' / 'jit_b16_in256.py'
     config = _parse_flags(['main', f'--config={path}:epochs=200', '--config.optim.blr=1e-4',
                            '--config.model.patch_size=32', '--config.optim.ema_decays=(0.999,0.9995)'])
-    config_lib.validate(config)
     assert config.train.num_steps == 200 * 1251
     assert config_lib.lr(config) == pytest.approx(1e-4 * 1024 / 256)
     assert config_lib.model_config(config).patch_size == 32
     assert config.optim.ema_decays == (0.999, 0.9995)
 
 
+@pytest.mark.parametrize('name,colon,flag_args', [
+    ('default.py', 'steps=2000,batch=32,cfg=2,ema=(0.9,0.95),remat=block,model.scan_blocks=true',
+     ['--config.train.num_steps=2000', '--config.data.global_batch_size=32', '--config.sampler.cfg_scale=2',
+      '--config.optim.ema_decays=(0.9,0.95)', '--config.model.remat=block', '--config.model.scan_blocks=true']),
+    ('default.py', 'steps=300', ['--config.train.num_steps=300']),  # warmup, EMA, periods follow both ways
+    ('jit_b16_in256.py', 'batch=512,img_size=512', ['--config.data.global_batch_size=512',
+                                                    '--config.data.image_size=512']),
+])
+def test_flag_and_colon_overrides_give_identical_configs(name, colon, flag_args):
+    path = REPO / 'configs' / name
+    by_flags = _parse_flags(['main', f'--config={path}', *flag_args])
+    by_colon = load(name, colon)
+    assert by_flags.to_dict() == by_colon.to_dict()
+    assert by_flags.to_dict() != load(name).to_dict()
+
+
+def test_epochs_in_the_file_arg_follow_a_later_batch_flag():
+    """The old trap: `file.py:epochs=200 --config.data.global_batch_size=512` now rescales the steps."""
+    path = REPO / 'configs' / 'jit_b16_in256.py'
+    config = _parse_flags(['main', f'--config={path}:epochs=200', '--config.data.global_batch_size=512'])
+    assert config.to_dict() == load('jit_b16_in256.py', 'epochs=200,batch=512').to_dict()
+    assert config.train.num_steps == 200 * (1_281_167 // 512) and config.optim.warmup_steps == 5 * 2502
+
+
 def test_config_flags_rejects_unknown_field():
     path = REPO / 'configs' / 'default.py'
     with pytest.raises(Exception, match='pach_size'):
         _parse_flags(['main', f'--config={path}', '--config.model.pach_size=8'])
+
+
+def test_load_errors_name_the_file():
+    with pytest.raises(FileNotFoundError, match='--config nowhere.py'):
+        config_lib.load('nowhere.py:steps=3')

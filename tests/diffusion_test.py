@@ -11,7 +11,7 @@ from flax import nnx
 
 from toynet import ToyNet
 from conftest import load_golden, nhwc, rel_err
-from jit_jax import convert, diffusion
+from jit_jax import config_lib, convert, diffusion
 
 SPACES = ('x', 'eps', 'v')
 T_EPS = 0.05
@@ -58,13 +58,26 @@ def test_flowspec_defaults_are_official():
         'x', 'v', -0.8, 0.8, 0.05, 1.0, 0.1)
 
 
+def test_flowspec_defaults_are_base_config():
+    assert diffusion.FlowSpec() == diffusion.FlowSpec.from_config(config_lib.base().diffusion)
+
+
 def test_flowspec_from_config_reads_every_field():
     cfg = ml_collections.ConfigDict(dict(pred='eps', loss='x', p_mean=0.3, p_std=1.2, t_eps=0.1, noise_scale=2,
-                                         label_drop_prob=0.0, unrelated='ignored'))
+                                         label_drop_prob=0.0))
     spec = diffusion.FlowSpec.from_config(cfg)
     assert spec == diffusion.FlowSpec(pred='eps', loss='x', p_mean=0.3, p_std=1.2, t_eps=0.1, noise_scale=2.0,
                                       label_drop_prob=0.0)
     assert isinstance(spec.noise_scale, float) and hash(spec) == hash(diffusion.FlowSpec.from_config(cfg))
+
+
+def test_flowspec_from_config_is_strict():
+    """A missing field is not filled from a default, an unknown one is not ignored: both name the field."""
+    values = config_lib.base().diffusion.to_dict()
+    with pytest.raises(ValueError, match=r'missing field\(s\) config\.diffusion\.t_eps'):
+        diffusion.FlowSpec.from_config({k: v for k, v in values.items() if k != 't_eps'})
+    with pytest.raises(ValueError, match=r'unknown field\(s\) config\.diffusion\.p_meen'):
+        diffusion.FlowSpec.from_config({**values, 'p_meen': 0.0})
 
 
 @pytest.mark.parametrize('field,value', [
@@ -76,7 +89,7 @@ def test_flowspec_rejects_bad_settings_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f'config.diffusion.{field}'):
         diffusion.FlowSpec(**{field: value})
     with pytest.raises(ValueError, match=f'config.diffusion.{field}'):
-        diffusion.FlowSpec.from_config(ml_collections.ConfigDict({field: value}))
+        diffusion.FlowSpec.from_config({**config_lib.base().diffusion.to_dict(), field: value})
 
 
 # ------------------------------------------------------------------ path and conversions
@@ -134,7 +147,8 @@ def test_default_target_is_the_official_clamped_velocity_not_x_minus_e():
 def test_loss_matches_numpy_table1(pred, loss_space):
     net = ToyNet()
     x, y, t, e, drop = toy_batch()
-    terms = diffusion.loss_terms_given_draws(net, x, y, t, e, drop, pred=pred, loss=loss_space, t_eps=T_EPS)
+    spec = diffusion.FlowSpec(pred=pred, loss=loss_space, t_eps=T_EPS)
+    terms = diffusion.loss_terms(net, x, y, diffusion.Draws(t, e, drop), spec)
 
     x64, e64, t64 = (a.astype(np.float64) for a in (x, e, t))
     z = t64[:, None, None, None] * x64 + (1 - t64[:, None, None, None]) * e64
@@ -201,6 +215,7 @@ def test_loss_is_loss_given_draws_of_draw_and_trains_under_jit():
 
     value, grads = step(net, x, y, key, spec)
     np.testing.assert_allclose(value, want, rtol=1e-6)
+    np.testing.assert_allclose(diffusion.loss(net, x, y, draws, spec), want, rtol=1e-6)  # given draws
     assert set(nnx.to_pure_dict(grads)) == {'mix', 'emb', 't_w'}
     assert all(np.abs(np.asarray(g)).sum() > 0 for g in jax.tree.leaves(grads))
     # The dropout key reaches the model only when given.
@@ -211,7 +226,7 @@ def test_loss_is_loss_given_draws_of_draw_and_trains_under_jit():
 def test_bf16_network_output_gives_float32_loss():
     x, y, t, e, drop = toy_batch()
     net = ToyNet(out_dtype=jnp.bfloat16)
-    terms = diffusion.loss_terms_given_draws(net, x, y, t, e, drop)
+    terms = diffusion.loss_terms(net, x, y, diffusion.Draws(t, e, drop), diffusion.FlowSpec())
     assert terms.net_out.dtype == jnp.float32 and terms.loss.dtype == jnp.float32
     assert terms.prediction.dtype == jnp.float32
 
@@ -222,7 +237,7 @@ def test_bf16_network_output_gives_float32_loss():
 @nnx.jit(static_argnames='t_eps')
 def _terms_and_grads(model, x, y, t, e, drop, t_eps):
     """Module level, so both golden cases (same model shape, same t_eps) share one compiled program."""
-    terms = diffusion.loss_terms_given_draws(model, x, y, t, e, drop, t_eps=t_eps)
+    terms = diffusion.loss_terms(model, x, y, diffusion.Draws(t, e, drop), diffusion.FlowSpec(t_eps=t_eps))
     grads = nnx.grad(lambda m: diffusion.loss_given_draws(m, x, y, t, e, drop, t_eps=t_eps))(model)
     return terms, grads
 
@@ -244,9 +259,8 @@ def test_golden_draw_transforms_match(loss_case):
     assert rel_err(t, ref['t']) <= 1e-6
     np.testing.assert_array_equal(ref['drop_uniform'] < hp['label_drop_prob'], ref['drop_mask'])
     assert rel_err(np.float32(hp['noise_scale']) * ref['e_raw'], ref['e']) <= 1e-7
-    spec = diffusion.FlowSpec.from_config({'p_mean': hp['P_mean'], 'p_std': hp['P_std'], 't_eps': hp['t_eps'],
-                                           'noise_scale': hp['noise_scale'],
-                                           'label_drop_prob': hp['label_drop_prob']})
+    spec = diffusion.FlowSpec(p_mean=hp['P_mean'], p_std=hp['P_std'], t_eps=hp['t_eps'],
+                              noise_scale=hp['noise_scale'], label_drop_prob=hp['label_drop_prob'])
     assert spec.noise_scale == hp['noise_scale']
 
 

@@ -147,7 +147,7 @@ def test_single_host_dry_run():
     assert out.strip().endswith('| tee -a /tmp/x.log')
 
 
-GRID = ['--config', 'configs/default.py', '--grid', 'patch=4,8', '--grid', 'bottleneck=8,full']
+GRID = ['--config', 'configs/default.py', '--grid', 'patch=4,8', '--grid', 'bottleneck=8,0']
 
 
 def test_sweep_as_a_slurm_array_runs_each_cell(tmp_path, capsys):
@@ -176,8 +176,8 @@ def test_sweep_for_tpu_slices_emits_valid_pod_commands(capsys):
     assert lines[3][-2] == '--'
     assert tpu_pod.main([*lines[3][2:-2], '--dry-run', *lines[3][-2:]]) == 0  # the pod launcher accepts each line as is
     out = capsys.readouterr().out
-    assert ('--config=configs/default.py:patch=8,bottleneck=full --workdir=gs://bucket/sweep/patch=8,'
-            'bottleneck=full --config.seed=5') in out and '--name=sw-3' not in out and ' sw-3 ' in out
+    assert ('--config=configs/default.py:patch=8,bottleneck=0 --workdir=gs://bucket/sweep/patch=8,'
+            'bottleneck=0 --config.seed=5') in out and '--name=sw-3' not in out and ' sw-3 ' in out
 
 
 def test_sweep_collects_final_loss_and_fid(tmp_path, capsys):

@@ -10,7 +10,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from toynet import ToyNet
 from conftest import load_golden, nhwc
-from jit_jax import convert, sampling
+from jit_jax import config_lib, convert, sampling
 
 SPACES = ('x', 'eps', 'v')
 
@@ -66,12 +66,31 @@ def toy_inputs(batch: int = 4, seed: int = 1):
 def test_samplerspec_from_config_takes_t_eps_and_pred_from_diffusion():
     sampler_cfg = ml_collections.ConfigDict(dict(method='euler', num_steps=7, cfg_scale=2.5, interval_min=0.1,
                                                  interval_max=0.9, ema='ema1', num_images=16))
-    diffusion_cfg = ml_collections.ConfigDict(dict(pred='v', loss='v', t_eps=0.1))
+    diffusion_cfg = ml_collections.ConfigDict(dict(pred='v', loss='v', p_mean=-0.8, p_std=0.8, t_eps=0.1,
+                                                   noise_scale=1.0, label_drop_prob=0.1))
     spec = sampling.SamplerSpec.from_config(sampler_cfg, diffusion_cfg)
     assert spec == sampling.SamplerSpec(method='euler', num_steps=7, cfg_scale=2.5, interval_min=0.1,
                                         interval_max=0.9, t_eps=0.1, pred='v')
-    assert sampling.SamplerSpec() == sampling.SamplerSpec(method='heun', num_steps=50, cfg_scale=1.0,
-                                                          interval_min=0.0, interval_max=1.0, t_eps=0.05, pred='x')
+
+
+def test_samplerspec_defaults_are_base_config():
+    base = config_lib.base()
+    assert sampling.SamplerSpec() == sampling.SamplerSpec.from_config(base.sampler, base.diffusion)
+    assert sampling.SamplerSpec() == sampling.SamplerSpec(method='heun', num_steps=50, cfg_scale=3.0,
+                                                          interval_min=0.1, interval_max=1.0, t_eps=0.05, pred='x')
+
+
+@pytest.mark.parametrize('group,edit,message', [
+    ('sampler', lambda d: d.pop('cfg_scale'), r'missing field\(s\) config\.sampler\.cfg_scale'),
+    ('sampler', lambda d: d.update(cfg_scael=2.0), r'unknown field\(s\) config\.sampler\.cfg_scael'),
+    ('diffusion', lambda d: d.pop('t_eps'), r'missing field\(s\) config\.diffusion\.t_eps'),
+    ('diffusion', lambda d: d.update(ema='ema1'), r'unknown field\(s\) config\.diffusion\.ema'),
+])
+def test_samplerspec_from_config_is_strict(group, edit, message):
+    groups = {name: config_lib.base()[name].to_dict() for name in ('sampler', 'diffusion')}
+    edit(groups[group])
+    with pytest.raises(ValueError, match=message):
+        sampling.SamplerSpec.from_config(groups['sampler'], groups['diffusion'])
 
 
 @pytest.mark.parametrize('kwargs,field', [
@@ -82,6 +101,7 @@ def test_samplerspec_from_config_takes_t_eps_and_pred_from_diffusion():
     (dict(interval_min=0.6, interval_max=0.5), 'config.sampler.interval_min'),
     (dict(interval_min=-0.1), 'config.sampler.interval_min'),
     (dict(interval_max=float('nan')), 'config.sampler.interval_max'),
+    (dict(interval_max=1.5), 'config.sampler.interval_max'),
     (dict(t_eps=0.0), 'config.diffusion.t_eps'),
     (dict(pred='z'), 'config.diffusion.pred'),
 ])

@@ -1,6 +1,5 @@
 """The training system: exact resume, multi-device equality, accumulation, failures that keep checkpoints."""
 
-import importlib.util
 import os
 import pathlib
 import signal
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from jit_jax import checkpoint as ckpt_lib
-from jit_jax import sharding, train
+from jit_jax import config_lib, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A model small enough to compile and step in seconds on 2 CPU cores; everything else is configs/default.py.
@@ -22,10 +21,7 @@ TINY = 'hidden=32,depth=2,heads=2,bottleneck=8,ctx_len=2,ctx_start=1,img_size=16
 
 
 def tiny_config(extra: str = '', **fields):
-    spec = importlib.util.spec_from_file_location('default_config', REPO / 'configs' / 'default.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(','.join(filter(None, [TINY, extra])))
+    config = config_lib.load(f"{REPO / 'configs' / 'default.py'}:{','.join(filter(None, [TINY, extra]))}")
     config.train.log_every_steps = 1
     config.train.sample_every_steps = 0
     config.data.read_threads = 1

@@ -173,7 +173,7 @@ def cell_overrides(cell: Cell, steps: int, quick: bool, seed: int) -> str:
     # EMA horizons of a quarter and an eighth of the run (default.py's rule), so that ema1 holds
     # e^-4 of the initial weights at the end; warmup is a tenth of the run.
     ema = (round(1 - 4 / steps, 6), round(1 - 8 / steps, 6))
-    items = {**model, 'bottleneck': cell.bottleneck or 'full', 'pred': cell.pred, 'loss': cell.loss,
+    items = {**model, 'bottleneck': cell.bottleneck or 0, 'pred': cell.pred, 'loss': cell.loss,
              'steps': steps, 'warmup': max(steps // 10, 1), 'ema': f'({ema[0]},{ema[1]})', 'seed': seed}
     if cell.patch:
         items['patch'] = cell.patch
