@@ -249,7 +249,7 @@ def setup_train(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh):
 
 
 def setup_forward(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh):
-    cfg = config_lib.model_config(config)
+    cfg = config_lib.model_config(config, platform=mesh.devices.flat[0].platform)
     batch_size = config.data.global_batch_size
     device = mesh.devices.flat[0]
     graphdef, state = _model_state(cfg)
@@ -275,7 +275,7 @@ def forwards_run(spec: sampling.SamplerSpec, batch: int, skip_uncond: bool) -> t
 
 
 def setup_sample(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, args: argparse.Namespace):
-    cfg = config_lib.model_config(config)
+    cfg = config_lib.model_config(config, platform=mesh.devices.flat[0].platform)
     batch_size = config.data.global_batch_size
     device = mesh.devices.flat[0]
     graphdef, state = _model_state(cfg)

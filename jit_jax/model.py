@@ -21,22 +21,13 @@ import math
 from typing import Any
 
 import jax
-import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jit_jax import kernels
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-_REMAT_POLICIES = {
-    'none': None,
-    'block': jax.checkpoint_policies.nothing_saveable,
-    # Linear layers with hand-written backward passes (custom_vjp) hide their dot from the policy: they name
-    # their outputs 'dense' instead.
-    'dots': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names('dense')),
-}
-_RMS_EPS = 1e-6
 _TIME_FEATURES = 256
 
 
@@ -69,9 +60,9 @@ class JiTConfig:
     attention_impl: str | None = None
     scan_blocks: bool = False  # stack blocks and lax.scan over them: compile time independent of depth
     remat: str = 'none'  # 'none' | 'block' (recompute everything) | 'dots' (keep matmul outputs)
-    # Hand-written backward passes (linear layers, RMSNorm, SwiGLU gate, attention): the forward is unchanged,
-    # gradients equal autodiff's up to float rounding, fewer activations are saved and the weight-gradient
-    # matmuls run in the orientation CPU matmul kernels are fast at. False = plain JAX autodiff.
+    # Hand-written backward passes (`jit_jax.kernels`): same forward, gradients equal autodiff's up to rounding,
+    # fewer activations saved on XLA:CPU. False = plain JAX autodiff. The config's 'auto' resolves per platform
+    # in `jit_jax.config_lib.resolve_custom_vjp`.
     custom_vjp: bool = True
 
     def __post_init__(self):
@@ -103,8 +94,10 @@ class JiTConfig:
                 fail(field, f'one of {sorted(_DTYPES)}')
         if self.attention_impl not in (None, 'xla', 'cudnn'):
             fail('attention_impl', "None, 'xla' or 'cudnn'")
-        if self.remat not in _REMAT_POLICIES:
-            fail('remat', f'one of {sorted(_REMAT_POLICIES)}')
+        if not isinstance(self.custom_vjp, bool):
+            fail('custom_vjp', "a bool (config_lib.resolve_custom_vjp turns 'auto' / 'on' / 'off' into one)")
+        if self.remat not in kernels.REMAT_POLICIES:
+            fail('remat', f'one of {sorted(kernels.REMAT_POLICIES)}')
 
     @property
     def grid(self) -> int:
@@ -237,186 +230,6 @@ def _dropout(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hand-written backward passes (JiTConfig.custom_vjp). Each forward computes exactly what the plain version
-# computes; only what is saved for the backward, and how the backward is written, differs.
-
-
-@jax.custom_vjp
-def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x[..., din] @ w[din, dout], as nnx.Linear computes it."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _dense_fwd(x, w):
-    return _dense(x, w), (x, w)
-
-
-def _dense_bwd(res, dy):
-    """dx = dy w^T; dw = x^T dy with the smaller of x and dy transposed in memory first.
-
-    Autodiff writes dw as one dot contracting the token axis of both operands, which XLA:CPU runs through a
-    transposed-operand kernel at about half the speed of a plain matmul (measured: 18 vs 31 GFLOP/s at
-    [1152, 768] x [1152, 4096]). Materialising the transpose of the smaller operand (fenced by an optimisation
-    barrier, or XLA folds it straight back into the dot) turns it into a plain row-major matmul; when dy is
-    the smaller one, (dy^T x)^T is computed and the final transpose folds into the optimizer's update.
-    """
-    x, w = res
-    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [tokens, din], [tokens, dout]
-    plain = (((1,), (0,)), ((), ()))
-    if x2.shape[1] <= dy2.shape[1]:
-        dw = jax.lax.dot_general(jax.lax.optimization_barrier(x2.T), dy2, plain)
-    else:
-        dw = jax.lax.dot_general(jax.lax.optimization_barrier(dy2.T), x2, plain).T
-    return dx, dw.astype(w.dtype)
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """A `dot_general` for nnx.Linear that routes its one contraction pattern through `_dense`."""
-    del precision, preferred_element_type  # nnx.Linear passes neither here (default precision, no override)
-    if kwargs.get('out_sharding') is not None or dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
-    return jax.ad_checkpoint.checkpoint_name(_dense(lhs, rhs), 'dense')
-
-
-def _rms_norm_plain(x, weight, out_dtype):
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _RMS_EPS)
-    return (normed * weight.astype(jnp.float32)).astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rms_norm(x, weight, out_dtype):
-    return _rms_norm_plain(x, weight, out_dtype)
-
-
-def _rms_norm_fwd(x, weight, out_dtype):
-    """Saves the input and one f32 statistic per row; autodiff keeps three full-width intermediates."""
-    x32 = x.astype(jnp.float32)
-    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _RMS_EPS)
-    return ((x32 * inv) * weight.astype(jnp.float32)).astype(out_dtype), (x, inv, weight)
-
-
-def _rms_norm_bwd(out_dtype, res, dy):
-    """With xh = x * inv and g = dy * w: dx = inv * (g - xh * mean(g * xh)), dw = sum(dy * xh) over rows."""
-    del out_dtype
-    x, inv, weight = res
-    xh = x.astype(jnp.float32) * inv
-    dy32 = dy.astype(jnp.float32)
-    g = dy32 * weight.astype(jnp.float32)
-    dx = inv * (g - xh * jnp.mean(g * xh, axis=-1, keepdims=True))
-    dw = jnp.sum((dy32 * xh).reshape(-1, x.shape[-1]), axis=0)
-    return dx.astype(x.dtype), dw.astype(weight.dtype)
-
-
-_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
-
-
-@jax.custom_vjp
-def _swiglu_gate(gate: jax.Array, value: jax.Array) -> jax.Array:
-    return jax.nn.silu(gate) * value
-
-
-def _swiglu_gate_fwd(gate, value):
-    """Saves the two halves of w12's output; autodiff of silu(a) * b keeps five arrays of that width."""
-    return _swiglu_gate(gate, value), (gate, value)
-
-
-def _swiglu_gate_bwd(res, dy):
-    gate, value = res
-    a, b, d = gate.astype(jnp.float32), value.astype(jnp.float32), dy.astype(jnp.float32)
-    s = jax.nn.sigmoid(a)
-    d_gate = d * b * s * (1.0 + a * (1.0 - s))
-    d_value = d * a * s
-    return d_gate.astype(gate.dtype), d_value.astype(value.dtype)
-
-
-_swiglu_gate.defvjp(_swiglu_gate_fwd, _swiglu_gate_bwd)
-
-
-def _attention_probs(q, k):
-    """Softmax(q k^T / sqrt(hd)) in float32, as jax.nn.dot_product_attention's XLA path computes it."""
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), logits.dtype)
-    return jax.nn.softmax(logits, axis=-1)  # f32[b, heads, n, n]
-
-
-@jax.custom_vjp
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Multi-head attention, q, k, v: [b, n, heads, hd] -> [b, n, heads, hd].
-
-    Without differentiation (sampling) this is jax.nn.dot_product_attention's XLA path, 7% faster on CPU
-    than the einsums below; under differentiation `_attention_fwd` computes the same maths keeping the
-    probabilities for the backward.
-    """
-    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
-
-
-def _attention_fwd(q, k, v):
-    """Saves the probabilities once; autodiff of the softmax keeps both exp(logits) and the quotient."""
-    probs = _attention_probs(q, k)
-    return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v), (q, k, v, probs)
-
-
-def _attention_bwd(res, d_out):
-    q, k, v, probs = res
-    p = probs.astype(v.dtype)
-    d_v = jnp.einsum('bhqk,bqhd->bkhd', p, d_out)
-    d_p = jnp.einsum('bqhd,bkhd->bhqk', d_out, v, preferred_element_type=jnp.float32)
-    d_logits = probs * (d_p - jnp.sum(d_p * probs, axis=-1, keepdims=True))
-    d_logits = (d_logits * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
-    d_q = jnp.einsum('bhqk,bkhd->bqhd', d_logits, k)
-    d_k = jnp.einsum('bhqk,bqhd->bkhd', d_logits, q)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-def _remat_late(fn, policy):
-    """jax.checkpoint(fn, policy) whose recomputation cannot start before the output's cotangent exists.
-
-    jax.checkpoint hands XLA a recomputation that depends on the block's inputs alone. XLA:CPU removes
-    optimisation barriers before scheduling, and its scheduler then hoists every block's recomputation into
-    the forward pass, where it lives as long as the activations it was meant to replace (measured: remat
-    'block' lowered the peak by 3%). Here the saved residuals are read as r + min(|dy[0]|, 0) -- r itself
-    (NaN only if dy already is) but not computable before dy -- so the recomputation has to wait.
-    fn(state, x, c) -> y; the parameters in `state` are passed through untouched.
-    """
-
-    saved_is_param: list[bool] = []  # per residual leaf, filled while the forward is traced
-
-    @jax.custom_vjp
-    def run(state, x, c):
-        return fn(state, x, c)
-
-    def run_fwd(state, x, c):
-        y, pullback = jax.vjp(jax.checkpoint(fn, policy=policy), state, x, c)
-        params = {id(leaf) for leaf in jax.tree.leaves(state)}
-        saved_is_param[:] = [id(leaf) in params for leaf in jax.tree.leaves(pullback)]
-        return y, pullback
-
-    def run_bwd(pullback, dy):
-        tie = jnp.minimum(jnp.abs(dy.reshape(-1)[0]), 0)  # 0, but only once dy exists
-        leaves, tree = jax.tree.flatten(pullback)
-        leaves = [leaf if is_param or not jnp.issubdtype(leaf.dtype, jnp.floating) else leaf + tie.astype(leaf.dtype)
-                  for leaf, is_param in zip(leaves, saved_is_param)]
-        return jax.tree.unflatten(tree, leaves)(dy)
-
-    run.defvjp(run_fwd, run_bwd)
-    return run
-
-
-def _own_attention(impl: str | None) -> bool:
-    """attention_impl None on CPU: our unfused attention, whose backward saves the probabilities once
-    (jax.nn.dot_product_attention's XLA path is the same maths but keeps exp(logits) as well: +19% peak memory
-    at B/16, same speed). On GPU / TPU, None still lets jax.nn.dot_product_attention pick its kernel."""
-    return impl is None and jax.default_backend() == 'cpu'
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Modules.
 
 
@@ -424,7 +237,7 @@ def _linear(din: int, dout: int, cfg: JiTConfig, rngs: nnx.Rngs, *, use_bias: bo
             kernel_init=nnx.initializers.xavier_uniform()) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=kernel_init, bias_init=nnx.initializers.zeros,
                       dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype], rngs=rngs,
-                      dot_general=_dense_dot_general if cfg.custom_vjp else jax.lax.dot_general)
+                      dot_general=kernels.ops(cfg.custom_vjp).dot_general)
 
 
 _zeros = nnx.initializers.zeros
@@ -437,11 +250,10 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, cfg: JiTConfig):
         self.weight = nnx.Param(jnp.ones((dim,), _DTYPES[cfg.param_dtype]))
         self.dtype = _DTYPES[cfg.dtype]
-        self.custom_vjp = cfg.custom_vjp
+        self.ops = kernels.ops(cfg.custom_vjp)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        norm = _rms_norm if self.custom_vjp else _rms_norm_plain
-        return norm(x, self.weight[...], self.dtype)
+        return self.ops.rms_norm(x, self.weight[...], self.dtype)
 
 
 class Attention(nnx.Module):
@@ -449,7 +261,7 @@ class Attention(nnx.Module):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.impl = cfg.attention_impl
-        self.custom_vjp = cfg.custom_vjp
+        self.ops = kernels.ops(cfg.custom_vjp)
         self.qkv = _linear(d, 3 * d, cfg, rngs)
         self.q_norm = RMSNorm(cfg.head_dim, cfg)
         self.k_norm = RMSNorm(cfg.head_dim, cfg)
@@ -467,11 +279,8 @@ class Attention(nnx.Module):
             logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
             out = jnp.einsum('bhqk,bkhd->bqhd', _dropout(probs, attn_drop, keys[0]).astype(v.dtype), v)
-        elif self.custom_vjp and _own_attention(self.impl):
-            out = _attention(q, k, v)  # float32 logits and softmax, as below
         else:
-            # Logits and softmax run in float32 inside (as the official code insists, for stability).
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+            out = self.ops.attention(q, k, v, self.impl)  # float32 logits and softmax inside
         return _dropout(self.proj(out.reshape(b, n, d)), proj_drop, keys[1])
 
 
@@ -481,11 +290,11 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
         self.w12 = _linear(cfg.hidden_size, 2 * cfg.mlp_hidden, cfg, rngs)
         self.w3 = _linear(cfg.mlp_hidden, cfg.hidden_size, cfg, rngs)
-        self.custom_vjp = cfg.custom_vjp
+        self.ops = kernels.ops(cfg.custom_vjp)
 
     def __call__(self, x, *, drop=0.0, key=None):
         gate, value = jnp.split(self.w12(x), 2, axis=-1)
-        hidden = _swiglu_gate(gate, value) if self.custom_vjp else nnx.silu(gate) * value
+        hidden = self.ops.swiglu_gate(gate, value)
         return self.w3(_dropout(hidden, drop, key))
 
 
@@ -615,16 +424,9 @@ class JiT(nnx.Module):
         rates = [(cfg.attn_drop, cfg.proj_drop) if cfg.dropout_active(i) else (0.0, 0.0) for i in range(cfg.depth)]
 
         def apply(graphdef, state, x, key, attn_drop, proj_drop):
-            return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
-
-        if cfg.remat != 'none' and cfg.custom_vjp:
-            def apply(graphdef, state, x, key, attn_drop, proj_drop):
-                def fn(state, x, c):
-                    return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop,
-                                                      key=key)
-                return _remat_late(fn, _REMAT_POLICIES[cfg.remat])(state, x, c)
-        elif cfg.remat != 'none':
-            apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+            def block(state, x, c):
+                return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
+            return kernels.ops(cfg.custom_vjp).remat(block, cfg.remat)(state, x, c)
 
         if not cfg.scan_blocks:
             for i in range(lo, hi):

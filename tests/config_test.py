@@ -71,7 +71,7 @@ def test_paper_config_is_its_preset(name):
     assert config.model.preset == preset
     assert config.data.image_size == image_size
     want = dataclasses.replace(model_lib.PRESETS[preset], input_size=image_size, num_classes=1000,
-                               dtype='bfloat16', param_dtype='float32', custom_vjp='auto')
+                               dtype='bfloat16', param_dtype='float32', custom_vjp=True)
     assert config_lib.model_config(config) == want
     assert want.num_patches == 256  # every paper model sees 16 x 16 tokens
 
@@ -135,7 +135,7 @@ def test_base_is_locked_and_official():
         config.model.pach_size = 8  # a typo must not add a field
     assert config_lib.lr(config) == pytest.approx(2e-4)
     assert config_lib.model_config(config) == dataclasses.replace(
-        model_lib.PRESETS['JiT-B/16'], dtype='bfloat16', custom_vjp='auto')
+        model_lib.PRESETS['JiT-B/16'], dtype='bfloat16', custom_vjp=True)
     config.optim.lr = 1e-3
     assert config_lib.lr(config) == 1e-3
 
