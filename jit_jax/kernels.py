@@ -4,7 +4,7 @@ Every kernel computes the same forward as plain JAX; the `custom_vjp=True` set o
 the backward pass and how the backward is written, so gradients equal autodiff's up to float rounding. They
 exist for XLA:CPU, where they were measured to help (fewer saved activations, weight-gradient matmuls in the
 orientation CPU matmul kernels are fast at, recomputation that waits for the backward pass); elsewhere the
-default is plain autodiff until measured (`jit_jax.config_lib.resolve_custom_vjp`).
+default is plain autodiff until measured (`jit_jax.config_lib.custom_vjp_enabled`).
 """
 
 from __future__ import annotations

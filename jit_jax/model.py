@@ -62,7 +62,7 @@ class JiTConfig:
     remat: str = 'none'  # 'none' | 'block' (recompute everything) | 'dots' (keep matmul outputs)
     # Hand-written backward passes (`jit_jax.kernels`): same forward, gradients equal autodiff's up to rounding,
     # fewer activations saved on XLA:CPU. False = plain JAX autodiff. The config's 'auto' resolves per platform
-    # in `jit_jax.config_lib.resolve_custom_vjp`.
+    # in `jit_jax.config_lib.custom_vjp_enabled`.
     custom_vjp: bool = True
 
     def __post_init__(self):
@@ -95,7 +95,7 @@ class JiTConfig:
         if self.attention_impl not in (None, 'xla', 'cudnn'):
             fail('attention_impl', "None, 'xla' or 'cudnn'")
         if not isinstance(self.custom_vjp, bool):
-            fail('custom_vjp', "a bool (config_lib.resolve_custom_vjp turns 'auto' / 'on' / 'off' into one)")
+            fail('custom_vjp', "a bool (config_lib.custom_vjp_enabled turns 'auto' / 'on' / 'off' into one)")
         if self.remat not in kernels.REMAT_POLICIES:
             fail('remat', f'one of {sorted(kernels.REMAT_POLICIES)}')
 

@@ -92,12 +92,12 @@ def test_full_model_loss_and_grads(overrides):
     ('auto', 'cpu', True), ('auto', 'gpu', False), ('auto', 'tpu', False),
     ('on', 'tpu', True), ('on', 'cpu', True), ('off', 'cpu', False), ('off', 'gpu', False)])
 def test_resolve_custom_vjp(setting, platform, want):
-    assert config_lib.resolve_custom_vjp(setting, platform) is want
+    assert config_lib.custom_vjp_enabled(setting, platform) is want
 
 
 def test_resolve_custom_vjp_rejects_unknown():
     with pytest.raises(ValueError, match='config.model.custom_vjp'):
-        config_lib.resolve_custom_vjp('yes', 'cpu')
+        config_lib.custom_vjp_enabled('yes', 'cpu')
     with pytest.raises(ValueError, match='custom_vjp'):
         model_lib.JiTConfig(custom_vjp='off')  # a string must not pass for a bool
 
