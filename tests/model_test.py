@@ -108,7 +108,7 @@ def test_bf16_forward_close_to_fp32():
     out = forward(net, nhwc(ref['x']), ref['t'], ref['y'])
     err = rel_err(out, nhwc(ref['out']))
     print(f'bf16 forward relative error {err:.2e}')
-    assert out.dtype == jnp.float32 and err <= 2e-2
+    assert out.dtype == jnp.float32 and err <= 1.5e-2  # measured 1.1e-2 (bf16 has 8 mantissa bits)
     assert err > 1e-6, 'the bf16 path must actually compute in bf16'
 
 
