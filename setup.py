@@ -30,5 +30,8 @@ setup(
         'tensorboard>=2.21,<2.22',
         'importlib_resources',  # tfds 4.9.10 imports it in download_and_prepare without declaring it
     ],
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6']},
+    # tpu: libtpu, which also holds XLA's TPU compiler: `python -m jit_jax.aot` compiles for TPU slices on any
+    # host. The tests compile for TPU topologies too (tests/aot_test.py), so 'test' includes it (213 MB).
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'jax[tpu]>=0.10.2,<0.11'],
+                    'tpu': ['jax[tpu]>=0.10.2,<0.11']},
 )

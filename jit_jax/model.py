@@ -65,7 +65,7 @@ class JiTConfig:
     dtype: str = 'float32'  # compute dtype of matmuls; norms, softmax and the residual stream stay fp32
     param_dtype: str = 'float32'
     # jax.nn.dot_product_attention's `implementation`: None (on CPU with custom_vjp: our unfused attention with a
-    # hand-written backward), 'xla', 'cudnn' (GPU only).
+    # hand-written backward), 'xla', 'cudnn' (GPU only); or 'own': our attention on any backend (custom_vjp only).
     attention_impl: str | None = None
     scan_blocks: bool = False  # stack blocks and lax.scan over them: compile time independent of depth
     remat: str = 'none'  # 'none' | 'block' (recompute everything) | 'dots' (keep matmul outputs)
@@ -101,8 +101,10 @@ class JiTConfig:
         for field in ('dtype', 'param_dtype'):
             if getattr(self, field) not in _DTYPES:
                 fail(field, f'one of {sorted(_DTYPES)}')
-        if self.attention_impl not in (None, 'xla', 'cudnn'):
-            fail('attention_impl', "None, 'xla' or 'cudnn'")
+        if self.attention_impl not in (None, 'own', 'xla', 'cudnn'):
+            fail('attention_impl', "None, 'own', 'xla' or 'cudnn'")
+        if self.attention_impl == 'own' and not self.custom_vjp:
+            fail('attention_impl', "None, 'xla' or 'cudnn' with custom_vjp False ('own' is a hand-written backward)")
         if self.remat not in _REMAT_POLICIES:
             fail('remat', f'one of {sorted(_REMAT_POLICIES)}')
 
@@ -410,10 +412,10 @@ def _remat_late(fn, policy):
 
 
 def _own_attention(impl: str | None) -> bool:
-    """attention_impl None on CPU: our unfused attention, whose backward saves the probabilities once
+    """attention_impl 'own', or None on CPU: our unfused attention, whose backward saves the probabilities once
     (jax.nn.dot_product_attention's XLA path is the same maths but keeps exp(logits) as well: +19% peak memory
     at B/16, same speed). On GPU / TPU, None still lets jax.nn.dot_product_attention pick its kernel."""
-    return impl is None and jax.default_backend() == 'cpu'
+    return impl == 'own' or (impl is None and jax.default_backend() == 'cpu')
 
 
 # ---------------------------------------------------------------------------------------------------------

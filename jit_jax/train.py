@@ -141,7 +141,8 @@ class Trainer:
         config_lib.validate(config, num_devices=jax.device_count() if mesh is None else mesh.devices.size)
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-        self.model_config = config_lib.model_config(config)
+        # Numerics defaults follow the mesh's devices (a TPU topology compiled ahead of time included).
+        self.model_config = config_lib.model_config(config, platform=self.mesh.devices.flat[0].platform)
         self.flow = diffusion.FlowSpec.from_config(config.diffusion)
         self.sampler = sampling.SamplerSpec.from_config(config.sampler, config.diffusion)
         self.tx, self.schedule = make_optimizer(config)
