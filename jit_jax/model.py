@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jit_jax import sharding
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 _REMAT_POLICIES = {
     'none': None,
@@ -418,6 +420,28 @@ def _own_attention(impl: str | None) -> bool:
     return impl == 'own' or (impl is None and jax.default_backend() == 'cpu')
 
 
+def gathered(state: Any, dtype: str) -> Any:
+    """A layer's weights as it computes with them, whole on every device (the FSDP all-gather; see
+    jit_jax.sharding.gather_for_use). Linear kernels and biases are cast to the compute dtype first, as
+    nnx.Linear would, so the gather moves bf16 and the gradient is reduce-scattered before its cast back."""
+    if sharding.fsdp_size() == 1:
+        return state
+
+    def cast(path, a):
+        linear = path[-2:-1] and getattr(path[-2], 'key', None) in ('kernel', 'bias')
+        return a.astype(_DTYPES[dtype]) if linear and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return sharding.gather_for_use(jax.tree_util.tree_map_with_path(cast, state))
+
+
+def _gathered_module(module: nnx.Module, dtype: str) -> nnx.Module:
+    """`module` with `gathered` weights (the layers outside the blocks)."""
+    if sharding.fsdp_size() == 1:
+        return module
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, gathered(state, dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Modules.
 
@@ -587,21 +611,21 @@ class JiT(nnx.Module):
             raise ValueError(f'JiT input has shape {x.shape}; expected NHWC [batch, {cfg.input_size}, '
                              f'{cfg.input_size}, {cfg.in_channels}] (JiTConfig.input_size / in_channels)')
         acts = {} if return_activations else None
-        t_emb = self.t_embedder(jnp.asarray(t, jnp.float32).reshape(x.shape[0]))
-        y_emb = self.y_embedder(jnp.asarray(y, jnp.int32).reshape(x.shape[0]))
+        t_emb = _gathered_module(self.t_embedder, cfg.dtype)(jnp.asarray(t, jnp.float32).reshape(x.shape[0]))
+        y_emb = _gathered_module(self.y_embedder, cfg.dtype)(jnp.asarray(y, jnp.int32).reshape(x.shape[0]))
         c = t_emb + y_emb
-        patches = self.x_embedder(x)
+        patches = _gathered_module(self.x_embedder, cfg.dtype)(x)
         tokens = patches + jnp.asarray(pos_embed_table(cfg.hidden_size, cfg.grid), jnp.float32)
 
         start = cfg.in_context_start if cfg.in_context_len else cfg.depth
         keys = jax.random.split(dropout_key, cfg.depth) if dropout_key is not None else None
         tokens = self._run_blocks(tokens, c, 0, start, keys, num_prefix=0, acts=acts)
         if cfg.in_context_len:
-            context = y_emb[:, None, :] + self.in_context_posemb[...][None]
+            context = y_emb[:, None, :] + sharding.gather_for_use(self.in_context_posemb[...])[None]
             tokens = jnp.concatenate([context.astype(tokens.dtype), tokens], axis=1)
             tokens = self._run_blocks(tokens, c, start, cfg.depth, keys, num_prefix=cfg.in_context_len, acts=acts)
             tokens = tokens[:, cfg.in_context_len:]
-        final = self.final_layer(tokens, c)
+        final = _gathered_module(self.final_layer, cfg.dtype)(tokens, c)
         out = unpatchify(final, cfg.patch_size, cfg.in_channels).astype(jnp.float32)
         if acts is None:
             return out
@@ -617,13 +641,14 @@ class JiT(nnx.Module):
         rates = [(cfg.attn_drop, cfg.proj_drop) if cfg.dropout_active(i) else (0.0, 0.0) for i in range(cfg.depth)]
 
         def apply(graphdef, state, x, key, attn_drop, proj_drop):
-            return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
+            block = nnx.merge(graphdef, gathered(state, cfg.dtype))
+            return block(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
 
         if cfg.remat != 'none' and cfg.custom_vjp:
             def apply(graphdef, state, x, key, attn_drop, proj_drop):
                 def fn(state, x, c):
-                    return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop,
-                                                      key=key)
+                    block = nnx.merge(graphdef, gathered(state, cfg.dtype))
+                    return block(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
                 return _remat_late(fn, _REMAT_POLICIES[cfg.remat])(state, x, c)
         elif cfg.remat != 'none':
             apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
