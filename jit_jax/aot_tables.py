@@ -29,11 +29,11 @@ DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 # Each paper config on a slice it would realistically train on (batch 1024, the paper's global batch).
 PAPER_RUNS = (
-    ('configs/jit_b16_in256.py', 'v5p-32'), ('configs/jit_b32_in512.py', 'v5p-32'),
-    ('configs/jit_b64_in1024.py', 'v5p-32'), ('configs/jit_l16_in256.py', 'v4-64'),
-    ('configs/jit_l16_in256.py', 'v5p-64'), ('configs/jit_l32_in512.py', 'v5p-64'),
-    ('configs/jit_h16_in256.py', 'v5p-128'), ('configs/jit_h32_in512.py', 'v5p-128'),
-    ('configs/jit_g16_in256.py', 'v5p-128'), ('configs/jit_g32_in512.py', 'v5p-128'),
+    ('configs/jit_b16_in256.py', 'v5p-32'), ('configs/jit_l16_in256.py', 'v4-64'),
+    ('configs/jit_h16_in256.py', 'v5p-128'), ('configs/jit_g16_in256.py', 'v5p-128'),
+    ('configs/jit_l16_in256.py', 'v5p-64'), ('configs/jit_b32_in512.py', 'v5p-32'),
+    ('configs/jit_l32_in512.py', 'v5p-64'), ('configs/jit_h32_in512.py', 'v5p-128'),
+    ('configs/jit_g32_in512.py', 'v5p-128'), ('configs/jit_b64_in1024.py', 'v5p-32'),
 )
 # Numerics variants: config overrides on top of the run's own settings.
 VARIANTS = (
