@@ -30,5 +30,11 @@ setup(
         'tensorboard>=2.21,<2.22',
         'importlib_resources',  # tfds 4.9.10 imports it in download_and_prepare without declaring it
     ],
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6']},
+    # tpu: libtpu, which also holds XLA's TPU compiler: `python -m jit_jax.aot` compiles for TPU slices on any
+    # host. The tests compile for TPU topologies too (tests/aot_test.py), so 'test' includes it (213 MB).
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'jax[tpu]>=0.10.2,<0.11'],
+                    'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+                    # XLA:GPU's deviceless compile for H100 / H200 targets (python -m jit_jax.aot --topology h100-8):
+                    # the CUDA PJRT plugin alone, without the CUDA wheels (a GPU run needs 'jax[cuda12]').
+                    'gpu-aot': ['jax-cuda12-plugin>=0.10.2,<0.11']},
 )

@@ -39,7 +39,7 @@ from ml_collections import config_dict, config_flags
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 SAMPLER_WEIGHTS = ('ema1', 'ema2', 'model')
-CUSTOM_VJP = ('auto', 'on', 'off')  # resolved to JiTConfig's bool by custom_vjp_enabled
+CUSTOM_VJP = ('auto', 'on', 'off')  # resolved to JiTConfig's bool per backend by _numerics
 DATA_SOURCES = ('synthetic', 'tfds', 'arrayrecord')
 LR_SCHEDULES = ('constant', 'cosine')
 PARAM_SHARDINGS = ('replicate', 'fsdp')
@@ -104,7 +104,9 @@ def base() -> config_dict.ConfigDict:
     model.in_channels = 3  # RGB; not preset-dependent, so a plain int
     model.dtype = 'bfloat16'  # compute dtype of matmuls; the official run uses bf16 autocast
     model.param_dtype = 'float32'  # master weights; the official run keeps fp32 parameters
-    model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (= JAX picks), 'xla', 'cudnn'
+    # Attention: '' (the backend's default, BACKEND_DEFAULTS), 'own' (unfused, hand-written backward), or a
+    # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU).
+    model.attention_impl = ''
     model.scan_blocks = False  # lax.scan over stacked blocks: compile time independent of depth
     model.remat = 'none'  # activation checkpointing per block: 'none' | 'block' | 'dots'
     # Hand-written backward passes (same forward and gradients, fewer saved activations): 'auto' (on where
@@ -240,26 +242,28 @@ def resolve_mesh(mesh: Mapping[str, int], num_devices: int | None = None) -> dic
     return sizes
 
 
-def custom_vjp_enabled(setting: str, platform: str) -> bool:
-    """config.model.custom_vjp as the bool JiTConfig takes; 'auto' turns the hand-written VJPs on only on
-    'cpu', the one backend where they were measured to help (XLA:CPU step time and peak memory)."""
-    if setting not in CUSTOM_VJP:
-        raise ValueError(f'config.model.custom_vjp={setting!r}: expected one of {CUSTOM_VJP}')
-    return setting == 'on' or (setting == 'auto' and platform == 'cpu')
+# What '' / 'auto' mean per backend (the platform of the devices the model runs on), chosen from evidence:
+# measured step time and memory on XLA:CPU (docs/performance.md), compiled memory and bytes for TPU slices
+# (jit_jax.aot, docs/tpu.md). GPU keeps plain autodiff and JAX's attention choice until measured there.
+BACKEND_DEFAULTS = {
+    'cpu': dict(attention_impl='own', custom_vjp=True),
+    'tpu': dict(attention_impl='own', custom_vjp=True),
+    'gpu': dict(attention_impl=None, custom_vjp=False),  # None: jax.nn.dot_product_attention picks (cuDNN)
+}
 
 
 def model_config(config: config_dict.ConfigDict, platform: str | None = None) -> Any:
     """The jit_jax.model.JiTConfig this config describes; JiTConfig validates it, errors name config fields.
 
-    `platform` (default: JAX's default backend) resolves model.custom_vjp 'auto'; pass the mesh's platform.
+    platform ('cpu', 'tpu', 'gpu'; default: JAX's default backend) resolves attention_impl '' and custom_vjp
+    'auto' through BACKEND_DEFAULTS, so a program compiled ahead of time for a TPU is the one a TPU run builds.
 
     Starts from the preset (or from the explicit fields when model.preset == ''), replaces every
     architecture field that is set in config.model, and takes input_size / num_classes from config.data
     so the image and label sizes are stated exactly once. bottleneck_dim 0 (full rank) becomes the patch
     dimension here, the only place that spelling is read.
     """
-    import jax  # deferred, like the model: reading a config needs neither
-    from jit_jax import model as model_lib
+    from jit_jax import model as model_lib  # deferred: reading a config needs no JAX
 
     m = config.model
     if m.preset:
@@ -275,8 +279,7 @@ def model_config(config: config_dict.ConfigDict, platform: str | None = None) ->
     fields.update({name: m[name] for name in ARCH_FIELDS if m[name] is not None})
     fields.update(input_size=config.data.image_size, num_classes=config.data.num_classes,
                   in_channels=m.in_channels, dtype=m.dtype, param_dtype=m.param_dtype,
-                  attention_impl=m.attention_impl or None, scan_blocks=m.scan_blocks, remat=m.remat,
-                  custom_vjp=custom_vjp_enabled(m.custom_vjp, platform or jax.default_backend()))
+                  scan_blocks=m.scan_blocks, remat=m.remat, **_numerics(m, platform))
     if fields['bottleneck_dim'] == 0:
         fields['bottleneck_dim'] = fields['patch_size'] ** 2 * fields['in_channels']
     try:
@@ -286,6 +289,20 @@ def model_config(config: config_dict.ConfigDict, platform: str | None = None) ->
         field = found and _JIT_FIELD_SOURCE.get(found[1], f'model.{found[1]}')
         source = f' (preset {m.preset!r} with the config.model fields that are set)' if m.preset else ''
         raise ValueError(f'config.{field or "model"}{source}: {error}') from None
+
+
+def _numerics(m: config_dict.ConfigDict, platform: str | None) -> dict[str, Any]:
+    """attention_impl and custom_vjp of config.model, with '' / 'auto' resolved for the platform."""
+    if platform is None:
+        import jax  # pylint: disable=import-outside-toplevel  (deferred like the model import)
+
+        platform = jax.default_backend()
+    defaults = BACKEND_DEFAULTS.get(platform, BACKEND_DEFAULTS['gpu'])
+    custom_vjp = {'on': True, 'off': False}.get(m.custom_vjp, defaults['custom_vjp'])
+    attention = m.attention_impl or defaults['attention_impl']
+    if not m.attention_impl and attention == 'own' and not custom_vjp:
+        attention = None  # the default 'own' needs the hand-written backward; plain autodiff takes JAX's
+    return dict(attention_impl=attention, custom_vjp=custom_vjp)
 
 
 # ---------------------------------------------------------------------------------------------------------

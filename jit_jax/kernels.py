@@ -4,7 +4,7 @@ Every kernel computes the same forward as plain JAX; the `custom_vjp=True` set o
 the backward pass and how the backward is written, so gradients equal autodiff's up to float rounding. They
 exist for XLA:CPU, where they were measured to help (fewer saved activations, weight-gradient matmuls in the
 orientation CPU matmul kernels are fast at, recomputation that waits for the backward pass); elsewhere the
-default is plain autodiff until measured (`jit_jax.config_lib.custom_vjp_enabled`).
+default follows what was measured per backend (`jit_jax.config_lib.BACKEND_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def _checkpoint_or_none(fn, remat: str):
 
 
 def _custom_attention(q, k, v, impl):
-    """impl None on CPU: `_attention`, whose backward saves the probabilities once (jax.nn.dot_product_attention's
-    XLA path is the same maths but keeps exp(logits) as well: +19% peak memory at B/16, same speed). On GPU /
-    TPU, None still lets jax.nn.dot_product_attention pick its kernel."""
-    if impl is None and jax.default_backend() == 'cpu':
+    """impl 'own' (or None on CPU): `_attention`, whose backward saves the probabilities once
+    (jax.nn.dot_product_attention's XLA path is the same maths but keeps exp(logits) as well: +19% peak memory
+    at B/16, same speed). Otherwise jax.nn.dot_product_attention with that implementation (None: JAX picks)."""
+    if impl == 'own' or (impl is None and jax.default_backend() == 'cpu'):
         return _attention(q, k, v)
     return _plain_attention(q, k, v, impl)
 

@@ -46,6 +46,7 @@ from jit_jax import model as model_lib
 from jit_jax import sharding
 
 GIB = 2 ** 30
+TERMS = ('params', 'opt_state', 'ema', 'gradients', 'activations', 'transient', 'early_gradients')
 _BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 
@@ -180,7 +181,7 @@ def outside_blocks(cfg: model_lib.JiTConfig) -> int:
 def train_memory(model: str | model_lib.JiTConfig, global_batch: int, *, data: int = 1, fsdp: int = 1,
                  param_sharding: str = 'replicate', dtype: str | None = None, remat: str | None = None,
                  custom_vjp: bool | None = None, num_ema: int = 2, image_size: int | None = None,
-                 ) -> MemoryEstimate:
+                 platform: str = 'cpu') -> MemoryEstimate:
     """Predicted peak memory per device of the train step for a preset name or a JiTConfig.
 
     The batch splits over data x fsdp devices; parameters, moments and EMAs split over fsdp only when

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jit_jax import kernels
+from jit_jax import kernels, sharding
 from jit_jax.presets import (  # noqa: F401  (JiTConfig, PRESETS, preset, forward_macs are re-exported)
     DTYPES, PRESETS, TIME_FEATURES, JiTConfig, forward_macs, preset)
 
@@ -106,6 +106,32 @@ def _dropout(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP: weights are gathered where they are used.
+
+
+def gathered(state, dtype: str):
+    """A layer's weights as it computes with them, whole on every device (the FSDP all-gather; see
+    jit_jax.sharding.gather_for_use). Linear kernels and biases are cast to the compute dtype first, as
+    nnx.Linear would, so the gather moves bf16 and the gradient is reduce-scattered before its cast back."""
+    if sharding.fsdp_size() == 1:
+        return state
+
+    def cast(path, a):
+        linear = path[-2:-1] and getattr(path[-2], 'key', None) in ('kernel', 'bias')
+        return a.astype(DTYPES[dtype]) if linear and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return sharding.gather_for_use(jax.tree_util.tree_map_with_path(cast, state))
+
+
+def _gathered_module(module: nnx.Module, dtype: str) -> nnx.Module:
+    """`module` with `gathered` weights (the layers outside the blocks)."""
+    if sharding.fsdp_size() == 1:
+        return module
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, gathered(state, dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,21 +299,21 @@ class JiT(nnx.Module):
             raise ValueError(f'JiT input has shape {x.shape}; expected NHWC [batch, {cfg.input_size}, '
                              f'{cfg.input_size}, {cfg.in_channels}] (JiTConfig.input_size / in_channels)')
         acts = {} if return_activations else None
-        t_emb = self.t_embedder(jnp.asarray(t, jnp.float32).reshape(x.shape[0]))
-        y_emb = self.y_embedder(jnp.asarray(y, jnp.int32).reshape(x.shape[0]))
+        t_emb = _gathered_module(self.t_embedder, cfg.dtype)(jnp.asarray(t, jnp.float32).reshape(x.shape[0]))
+        y_emb = _gathered_module(self.y_embedder, cfg.dtype)(jnp.asarray(y, jnp.int32).reshape(x.shape[0]))
         c = t_emb + y_emb
-        patches = self.x_embedder(x)
+        patches = _gathered_module(self.x_embedder, cfg.dtype)(x)
         tokens = patches + jnp.asarray(pos_embed_table(cfg.hidden_size, cfg.grid), jnp.float32)
 
         start = cfg.in_context_start if cfg.in_context_len else cfg.depth
         keys = jax.random.split(dropout_key, cfg.depth) if dropout_key is not None else None
         tokens = self._run_blocks(tokens, c, 0, start, keys, num_prefix=0, acts=acts)
         if cfg.in_context_len:
-            context = y_emb[:, None, :] + self.in_context_posemb[...][None]
+            context = y_emb[:, None, :] + sharding.gather_for_use(self.in_context_posemb[...])[None]
             tokens = jnp.concatenate([context.astype(tokens.dtype), tokens], axis=1)
             tokens = self._run_blocks(tokens, c, start, cfg.depth, keys, num_prefix=cfg.in_context_len, acts=acts)
             tokens = tokens[:, cfg.in_context_len:]
-        final = self.final_layer(tokens, c)
+        final = _gathered_module(self.final_layer, cfg.dtype)(tokens, c)
         out = unpatchify(final, cfg.patch_size, cfg.in_channels).astype(jnp.float32)
         if acts is None:
             return out
@@ -304,7 +330,8 @@ class JiT(nnx.Module):
 
         def apply(graphdef, state, x, key, attn_drop, proj_drop):
             def block(state, x, c):
-                return nnx.merge(graphdef, state)(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
+                block = nnx.merge(graphdef, gathered(state, cfg.dtype))  # inside remat: re-gathered, not kept
+                return block(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
             return kernels.ops(cfg.custom_vjp).remat(block, cfg.remat)(state, x, c)
 
         if not cfg.scan_blocks:

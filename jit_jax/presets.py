@@ -43,13 +43,13 @@ class JiTConfig:
     dtype: str = 'float32'  # compute dtype of matmuls; norms, softmax and the residual stream stay fp32
     param_dtype: str = 'float32'
     # jax.nn.dot_product_attention's `implementation`: None (on CPU with custom_vjp: our unfused attention with a
-    # hand-written backward), 'xla', 'cudnn' (GPU only).
+    # hand-written backward), 'xla', 'cudnn' (GPU only); or 'own': our attention on any backend (custom_vjp only).
     attention_impl: str | None = None
     scan_blocks: bool = False  # stack blocks and lax.scan over them: compile time independent of depth
     remat: str = 'none'  # 'none' | 'block' (recompute everything) | 'dots' (keep matmul outputs)
     # Hand-written backward passes (`jit_jax.kernels`): same forward, gradients equal autodiff's up to rounding,
     # fewer activations saved on XLA:CPU. False = plain JAX autodiff. The config's 'auto' resolves per platform
-    # in `jit_jax.config_lib.custom_vjp_enabled`.
+    # in `jit_jax.config_lib` (BACKEND_DEFAULTS).
     custom_vjp: bool = True
 
     def __post_init__(self):
@@ -79,10 +79,12 @@ class JiTConfig:
         for field in ('dtype', 'param_dtype'):
             if getattr(self, field) not in DTYPES:
                 fail(field, f'one of {sorted(DTYPES)}')
-        if self.attention_impl not in (None, 'xla', 'cudnn'):
-            fail('attention_impl', "None, 'xla' or 'cudnn'")
+        if self.attention_impl not in (None, 'own', 'xla', 'cudnn'):
+            fail('attention_impl', "None, 'own', 'xla' or 'cudnn'")
+        if self.attention_impl == 'own' and not self.custom_vjp:
+            fail('attention_impl', "None, 'xla' or 'cudnn' with custom_vjp False ('own' is a hand-written backward)")
         if not isinstance(self.custom_vjp, bool):
-            fail('custom_vjp', "a bool (config_lib.custom_vjp_enabled turns 'auto' / 'on' / 'off' into one)")
+            fail('custom_vjp', "a bool (jit_jax.config_lib resolves 'auto' / 'on' / 'off' into one)")
         if self.remat not in kernels.REMAT_POLICIES:
             fail('remat', f'one of {sorted(kernels.REMAT_POLICIES)}')
 

@@ -9,6 +9,7 @@ annotations and a layout change never edits it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -49,14 +50,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Split the largest of the last two dimensions that divides by fsdp (leading scan axes stay whole)."""
+    """Split the rows (second-to-last dimension) over fsdp, else the last one if only it divides; leading scan
+    axes stay whole. Rows first: each shard is a contiguous slab whose minor dimension keeps its full width
+    (TPU tiles it by 128 lanes, so splitting it into narrow columns pads every shard), and XLA's gradient
+    reduce-scatter lands directly in such shards."""
     if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
         return P()
-    candidates = sorted(range(max(0, len(shape) - 2), len(shape)), key=lambda d: -shape[d])
+    candidates = range(len(shape) - 2, len(shape)) if len(shape) >= 2 else range(len(shape))
     for dim in candidates:
         if shape[dim] % fsdp == 0:
             return P(*([None] * dim), 'fsdp')
     return P()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather(a: jax.Array, fsdp: int) -> jax.Array:
+    return jax.lax.with_sharding_constraint(a, P())
+
+
+def _gather_fwd(a, fsdp):
+    return _gather(a, fsdp), None
+
+
+def _gather_bwd(fsdp, _, g):
+    """The gradient leaves split like its parameter, so its cross-device sum is a reduce-scatter. (The
+    constraint's own transpose would make it replicated: a full all-reduce, then a slice.)"""
+    return (jax.lax.with_sharding_constraint(g, _fsdp_spec(tuple(g.shape), fsdp)),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def gather_for_use(tree: Any) -> Any:
+    """Weights whole on every device where the model uses them: FSDP's all-gather (ZeRO-3).
+
+    jit_jax.model calls this on each block's weights inside the block (so inside its remat region: the
+    backward gathers again instead of keeping every block's gathered copy), after casting them to the
+    compute dtype (so bf16 moves). Gradients come back split by `_fsdp_spec`, i.e. reduce-scattered. Left to
+    itself GSPMD reshards the activations around each matmul with a split weight instead (all-to-alls and
+    partial-sum all-reduces), and all-reduces full gradients. A no-op unless the current mesh
+    (jax.set_mesh) has an fsdp axis of size > 1.
+    """
+    fsdp = fsdp_size()
+    if fsdp == 1:
+        return tree
+    return jax.tree.map(lambda a: _gather(a, fsdp), tree)
+
+
+def fsdp_size() -> int:
+    """Size of the fsdp axis of the current mesh (jax.set_mesh); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get('fsdp', 1)
 
 
 def state_shardings(abstract_tree: Any, mesh: Mesh, mode: str) -> Any:

@@ -83,8 +83,11 @@ def _loss(params, graphdef, x, y, draws: diffusion.Draws, dropout_key, spec: Ste
 
 
 def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTransformation,
-               spec: StepSpec) -> tuple[dict, dict]:
+               spec: StepSpec, param_shardings: Any = None) -> tuple[dict, dict]:
     """One optimizer step on the global batch.
+
+    param_shardings (the parameters' layout) pins the gradients to it as soon as they exist, so under FSDP
+    every gradient's cross-device sum is a reduce-scatter into its shard, not a full all-reduce.
 
     t, noise and label drops are drawn for the whole batch before it is split into grad_accum_steps
     micro-batches, so accumulation changes memory use, not the update (up to summation order).
@@ -112,6 +115,8 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
         xs = (micro(x), micro(y), jax.tree.map(micro, draws), jnp.arange(k))
         (loss, grads), _ = jax.lax.scan(body, zero, xs)
         loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+    if param_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = {name: optax.incremental_update(params, state['ema'][name], 1.0 - decay)
@@ -141,6 +146,7 @@ class Trainer:
         config_lib.validate(config, num_devices=jax.device_count() if mesh is None else mesh.devices.size)
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+        # Numerics defaults follow the mesh's devices (a TPU topology compiled ahead of time included).
         self.model_config = config_lib.model_config(config, platform=self.mesh.devices.flat[0].platform)
         self.flow = diffusion.FlowSpec.from_config(config.diffusion)
         self.sampler = sampling.SamplerSpec.from_config(config.sampler, config.diffusion)
@@ -155,7 +161,8 @@ class Trainer:
         self._init = jax.jit(init, out_shardings=self.state_shardings)
         batch_sharding = sharding.batch_sharding(self.mesh)
         self.step_fn = jax.jit(
-            functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, spec=self.spec),
+            functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, spec=self.spec,
+                              param_shardings=self.state_shardings['params']),
             in_shardings=(self.state_shardings, {'image': batch_sharding, 'label': batch_sharding}),
             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
             donate_argnums=0)

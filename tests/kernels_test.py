@@ -1,10 +1,7 @@
 """jit_jax.kernels: every hand-written backward equals plain autodiff, and config_lib picks them per platform."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -88,18 +85,11 @@ def test_full_model_loss_and_grads(overrides):
     _close(nnx.to_pure_dict(g_on), nnx.to_pure_dict(g_off), rtol=1e-4)
 
 
-@pytest.mark.parametrize('setting,platform,want', [
-    ('auto', 'cpu', True), ('auto', 'gpu', False), ('auto', 'tpu', False),
-    ('on', 'tpu', True), ('on', 'cpu', True), ('off', 'cpu', False), ('off', 'gpu', False)])
-def test_resolve_custom_vjp(setting, platform, want):
-    assert config_lib.custom_vjp_enabled(setting, platform) is want
-
-
-def test_resolve_custom_vjp_rejects_unknown():
-    with pytest.raises(ValueError, match='config.model.custom_vjp'):
-        config_lib.custom_vjp_enabled('yes', 'cpu')
+def test_custom_vjp_must_be_a_bool():
     with pytest.raises(ValueError, match='custom_vjp'):
         model_lib.JiTConfig(custom_vjp='off')  # a string must not pass for a bool
+    with pytest.raises(ValueError, match='attention_impl'):
+        model_lib.JiTConfig(custom_vjp=False, attention_impl='own')  # 'own' is a hand-written backward
 
 
 def test_off_really_turns_them_off():

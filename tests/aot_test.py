@@ -1,0 +1,97 @@
+"""Ahead-of-time TPU compiles of the real train step (jit_jax.aot): sharding, memory and collectives as XLA:TPU
+builds them. libtpu (the 'tpu' extra, part of the 'test' extra) holds the compiler; no TPU is needed."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from jit_jax import aot, config_lib, sharding
+
+TINY = ('hidden=256,depth=2,heads=4,model.mlp_ratio=1.5,bottleneck=32,ctx_len=4,ctx_start=1,img_size=32,patch=4,'
+        'sampling_steps=3')
+
+
+def _config(extra: str = '', batch: int = 16):
+    return config_lib.load(f"configs/default.py:{','.join(filter(None, [TINY, f'batch={batch}', extra]))}")
+
+
+def _shard_bytes(tree, shardings) -> int:
+    return sum(math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+@pytest.mark.parametrize('extra,topology', [
+    ('', 'v5e-4'),  # data parallel: replicated parameters
+    ('mesh.data=1,mesh.fsdp=-1,mesh.param_sharding=fsdp', 'v5p-8'),  # FSDP over 4 v5p chips
+])
+def test_train_step_compiles_for_tpu_with_the_run_sharding(extra, topology, monkeypatch):
+    monkeypatch.setattr(sharding, 'MIN_SHARDED_SIZE', 2 ** 10)  # let the tiny model's matrices split
+    config = _config(extra)
+    topo = aot.parse_topology(topology)
+    trainer = aot.make_trainer(config, topo)
+    assert trainer.mesh.devices.flat[0].platform == 'tpu'
+    assert trainer.model_config.attention_impl == config_lib.BACKEND_DEFAULTS['tpu']['attention_impl']
+    lowered = aot.lower_train_step(trainer)
+    result = aot.analyse(lowered, topo.chip.hbm_gib)
+    assert result['fits'], result
+    chips = topo.chips_per_slice
+    state = _shard_bytes(trainer.abstract_state, trainer.state_shardings)
+    batch = config.data.global_batch_size // chips * (32 * 32 * 3 * 4 + 4)
+    # The program's per-device inputs are exactly the sharded state and this chip's rows of the batch.
+    assert result['input_element_bytes'] == state + batch
+    full = _shard_bytes(trainer.abstract_state, jax.tree.map(lambda _: sharding.replicated(trainer.mesh),
+                                                             trainer.state_shardings))
+    mem = result['memory']
+    assert mem['argument'] >= state + batch  # tiles only pad
+    assert mem['alias'] >= 0.99 * state, 'the donated state is updated in place'
+    kinds = result['collectives']
+    if 'fsdp' in extra:
+        assert state < 0.5 * full, 'parameters, moments and EMAs are split over the fsdp axis'
+        assert kinds.get('all-gather', {}).get('count', 0) >= 2 * config.model.depth, \
+            f'each block gathers its weights: {kinds}'
+        assert 'all-to-all' not in kinds or kinds['all-to-all']['bytes'] < 2 ** 20, f'activations stay put: {kinds}'
+    else:
+        assert state == full
+        assert 'all-gather' not in kinds, f'replicated weights are never gathered: {kinds}'
+        assert kinds['all-reduce']['bytes'] >= 0.9 * _shard_bytes(
+            trainer.abstract_state['params'], trainer.state_shardings['params']) / 2, 'gradients are summed (bf16)'
+    analytic = aot.train_flops_analytic(trainer.model_config, config.data.global_batch_size) / chips
+    assert 0.7 < result['cost']['flops'] / analytic < 1.5, 'XLA counts about 3 forward passes of matmuls'
+
+
+def test_out_of_memory_is_a_report_not_a_traceback():
+    config = _config('data.num_train_examples=100000', batch=65536)  # 16384 images per v5e chip
+    rep = aot.report(config, aot.parse_topology('v5e-4'), programs=('train',))
+    result = rep['programs']['train']
+    assert not result['fits']
+    assert result['needs_gib'] > result['capacity_gib'] > 10
+    assert result['largest'] and result['largest'][0]['gib'] > 1
+    text = aot.format_report(rep)
+    assert 'does not fit: needs' in text and f"of {result['capacity_gib']:.2f} GiB" in text
+
+
+@pytest.mark.parametrize('text,grid,chips', [('v5p-128', '4x4x4', 64), ('v4-64', '2x4x4', 32), ('v5e-4', '2x2', 4),
+                                             ('v6e:4x8', '4x8', 32), ('h100-16', '16', 16)])
+def test_topology_names(text, grid, chips):
+    topo = aot.parse_topology(text)
+    assert (topo.grid, topo.chips_per_slice) == (grid, chips)
+
+
+@pytest.mark.parametrize('text', ['v5p-7', 'v5e:2x2x2', 'v7-8', 'h100-12'])
+def test_bad_topology_names_are_rejected(text):
+    with pytest.raises(ValueError, match='topology'):
+        aot.parse_topology(text)
+
+
+def test_collectives_parse_async_and_fused_forms():
+    hlo = '\n'.join([
+        'ENTRY %main (p: f32[8]) -> f32[8] {',
+        '  %ag = (bf16[4,128]{1,0}, bf16[16,128]{1,0}) all-gather-start(%x), dimensions={0}',
+        '  %ar = f32[256]{0} all-reduce(%y), to_apply=%add',
+        '  %rs = bf16[2,128]{1,0} fusion(%z), kind=kCustom, calls=%all-reduce-scatter.3',
+        '}'])
+    out = aot.collectives(hlo)
+    assert out == {'all-gather': {'count': 1, 'bytes': 16 * 128 * 2}, 'all-reduce': {'count': 1, 'bytes': 1024},
+                   'reduce-scatter': {'count': 1, 'bytes': 2 * 128 * 2}}
