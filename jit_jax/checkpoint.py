@@ -21,9 +21,11 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 # Fields that decide the parameter tree; dtype, remat and attention kernel may change between runs.
 ARCHITECTURE_FIELDS = ('input_size', 'patch_size', 'in_channels', 'hidden_size', 'depth', 'num_heads',
@@ -51,12 +53,17 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, keep_period=keep_every_steps or None, create=True,
                 enable_async_checkpointing=asynchronous))
+        self.unreadable: set[int] = set()  # steps restore_latest skipped
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict) -> None:
         """Start writing step `step`; returns once device arrays are copied, the disk write continues."""
+        if step in self.unreadable:
+            logging.warning('not writing step %d: %s/%d holds an unreadable checkpoint (kept for inspection)',
+                            step, self.directory, step)
+            return
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -79,25 +86,31 @@ class Checkpointer:
         check_meta(meta, step) raises ValueError when this run cannot continue the checkpoint (another
         architecture, batch, ...); that is a user error and propagates. Any other failure to read a
         checkpoint (a damaged file, a half-deleted step) logs a warning and falls back to the previous
-        step, so a restarted job never crash-loops on one bad checkpoint. When every step fails the
-        errors are raised together: starting from scratch would silently overwrite the run.
+        step, so a restarted job never crash-loops on one bad checkpoint; all processes agree on each
+        step's outcome, so they resume from the same one. The unreadable steps are left in place for
+        inspection (the retention policy prunes them later) and are not written again by this run. When
+        every step fails the errors are raised together: starting from scratch would bury the run.
         """
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            error, state = None, None
             try:
                 meta = self.read_meta(step)
             except Exception as e:  # pylint: disable=broad-except
-                failures.append((step, e))
-                logging.warning('checkpoint %s/%d: its meta item does not read (%s: %s); trying the one before',
-                                self.directory, step, type(e).__name__, e)
-                continue
-            check_meta(meta, step)
-            try:
-                return step, self.restore(step, abstract_state, data_iterator)
-            except Exception as e:  # pylint: disable=broad-except
-                failures.append((step, e))
-                logging.warning('checkpoint %s/%d does not restore (%s: %s); trying the one before',
-                                self.directory, step, type(e).__name__, e)
+                error = e
+            if error is None:
+                check_meta(meta, step)
+                try:
+                    state = self.restore(step, abstract_state, data_iterator)
+                except Exception as e:  # pylint: disable=broad-except
+                    error = e
+            if _on_every_process(error is None):
+                return step, state
+            error = error or RuntimeError('another process could not restore it')
+            failures.append((step, error))
+            self.unreadable.add(step)
+            logging.warning('checkpoint %s/%d does not restore (%s: %s); trying the one before', self.directory,
+                            step, type(error).__name__, error)
         if failures:
             details = '; '.join(f'step {s}: {type(e).__name__}: {e}' for s, e in failures)
             raise RuntimeError(f'no checkpoint in {self.directory} restores ({details}). Move the folder away '
@@ -114,6 +127,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _on_every_process(ok: bool) -> bool:
+    """True when `ok` holds on every process (one cheap all-gather when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.bool_))))
 
 
 def architecture(model_config: Any) -> dict[str, Any]:
