@@ -169,10 +169,17 @@ def base() -> config_dict.ConfigDict:
     config.train = train = config_dict.ConfigDict()
     train.num_steps = epochs_to_steps(config, 200)  # official default 200 epochs (ablations)
     train.log_every_steps = 100  # official --log_freq 100
-    train.ckpt_every_steps = epochs_to_steps(config, 1)  # official saves every 5 epochs; this is cheaper
+    # Official saves every 5 epochs; this is cheaper. 0 = never (no periodic, final or preemption checkpoint).
+    train.ckpt_every_steps = epochs_to_steps(config, 1)
     train.keep_checkpoints = 2  # most recent checkpoints kept
     train.keep_every_steps = epochs_to_steps(config, 100)  # also keep these forever (official: 100 ep)
     train.sample_every_steps = epochs_to_steps(config, 5)  # write a sample grid; 0 = never
+    # Fine-tuning: a `python -m jit_jax.convert --out` folder (local or gs://) whose weights start a run
+    # that has no checkpoint yet (its EMA copies too, where present); '' = random init. Same architecture.
+    train.init_from = ''
+    # jax.profiler trace of this many steps (after the first, compiling one) into
+    # workdir/plugins/profile for TensorBoard's profile plugin; 0 = off.
+    train.profile_steps = 0
 
     # ---- mesh: device mesh axes (jit_jax.sharding); one axis may be -1 = all remaining devices
     config.mesh = mesh = config_dict.ConfigDict()
@@ -614,7 +621,8 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
 
     # train
     for name, low in (('num_steps', 1), ('log_every_steps', 1), ('keep_checkpoints', 1),
-                      ('ckpt_every_steps', 0), ('keep_every_steps', 0), ('sample_every_steps', 0)):
+                      ('ckpt_every_steps', 0), ('keep_every_steps', 0), ('sample_every_steps', 0),
+                      ('profile_steps', 0)):
         _check(config, f'train.{name}', _at_least(low), f'>= {low}')
 
     # mesh and batch split

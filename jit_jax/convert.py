@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -212,35 +213,43 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, np.float32)
 
 
-def convert_checkpoint(blob: Mapping[str, Any], out: pathlib.Path, preset: str | None = None) -> list[str]:
-    """Write `out` as an Orbax checkpoint of an official checkpoint dict (as torch.load returns it).
+def convert_checkpoint(blob: Mapping[str, Any], out: str | os.PathLike, preset: str | None = None, *,
+                       model_config: model_lib.JiTConfig | None = None) -> list[str]:
+    """Write `out` (local or gs://) as an Orbax checkpoint of an official checkpoint dict (as torch.load
+    returns it).
 
     Items: `params` (from 'model'), `ema1` / `ema2` when present, and `meta` with the model config, so
-    `load_converted` rebuilds the network without being told its shape. A bare state_dict works too.
+    `load_converted` (and config.train.init_from) rebuild the network without being told its shape. A
+    bare state_dict works too. model_config replaces what `args` / `preset` would give (a network that
+    is no preset).
     """
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
+    from jit_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
     if not any(k in blob for k in _TORCH_CHECKPOINT_KEYS):
         blob = {'model': blob}
-    cfg = config_from_args(blob.get('args'), preset)
+    cfg = model_config or config_from_args(blob.get('args'), preset)
     items = {}
     for key, name in _TORCH_CHECKPOINT_KEYS.items():
         if key in blob:
             weights = {k: _to_numpy(v) for k, v in blob[key].items()}
             items[name] = nnx.to_pure_dict(nnx.state(model_from_torch(weights, cfg), nnx.Param))
     meta = {'model_config': dataclasses.asdict(cfg), 'epoch': int(blob['epoch']) if 'epoch' in blob else None}
-    with ocp.CheckpointManager(pathlib.Path(out).resolve()) as manager:
+    with ocp.CheckpointManager(ckpt_lib.as_path(out)) as manager:
         manager.save(0, args=ocp.args.Composite(
             **{k: ocp.args.StandardSave(v) for k, v in items.items()}, meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
     return sorted(items)
 
 
-def load_converted(directory: str | pathlib.Path, which: str = 'ema1') -> model_lib.JiT:
+def load_converted(directory: str | os.PathLike, which: str = 'ema1') -> model_lib.JiT:
     """The network stored by `convert_checkpoint` ('params', 'ema1' or 'ema2' weights)."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    with ocp.CheckpointManager(pathlib.Path(directory).resolve()) as manager:
+    from jit_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+    with ocp.CheckpointManager(ckpt_lib.as_path(directory)) as manager:
         meta = manager.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         cfg = model_lib.JiTConfig(**meta['model_config'])
         abstract = nnx.eval_shape(lambda: model_lib.JiT(cfg, rngs=nnx.Rngs(0)))
@@ -255,7 +264,7 @@ def load_converted(directory: str | pathlib.Path, which: str = 'ema1') -> model_
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--torch-checkpoint', type=pathlib.Path, required=True)
-    parser.add_argument('--out', type=pathlib.Path, required=True)
+    parser.add_argument('--out', required=True, help='output folder, local or gs://')
     parser.add_argument('--preset', default=None, help='e.g. JiT-B/16; default: args.model stored in the file')
     args = parser.parse_args(argv)
     written = convert_checkpoint(load_torch_checkpoint(args.torch_checkpoint), args.out, args.preset)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 
 import numpy as np
+from etils import epath
 
 
 def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
@@ -18,14 +20,19 @@ def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(image: np.ndarray, path: str | pathlib.Path, scale: int = 1) -> pathlib.Path:
-    """Write u8[h, w, c] as PNG, nearest-neighbour upscaled by `scale` so small samples stay visible."""
+def save_png(image: np.ndarray, path: str | os.PathLike, scale: int = 1) -> epath.Path:
+    """Write u8[h, w, c] as PNG, nearest-neighbour upscaled by `scale` so small samples stay visible.
+
+    `path` may be local or remote (gs://...): the PNG is encoded in memory and written through epath.
+    """
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(np.asarray(image, np.uint8))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
+    buffer = io.BytesIO()
+    picture.save(buffer, format='PNG')
+    path.write_bytes(buffer.getvalue())
     return path

@@ -5,7 +5,12 @@ The config is built as config_lib.load builds it: the file's get_config(override
 counts from epochs, the periods of configs/default.py) after all of them. Trains (resuming from the newest checkpoint in DIR when there is one), logs to TensorBoard event files in
 DIR and to the console, and writes sample grids to DIR/samples. On multi-host systems start the same
 command on every host; jax.distributed is initialised from the environment (TPU pods, SLURM) or from
---coordinator_address / --num_processes / --process_id.
+--coordinator_address / --num_processes / --process_id. DIR may be local or gs:// (etils.epath, Orbax).
+
+Environment: JIT_JAX_NO_DISTRIBUTED=1 skips that auto-detection, for one process that runs where
+TPU_WORKER_HOSTNAMES / SLURM_JOB_ID / JAX_COORDINATOR_ADDRESS are set but is not part of a multi-host
+job (an interactive `srun --pty` or salloc shell, a single-host debug run on one pod worker), where
+jax.distributed.initialize() would wait for peers that never come.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
-import signal
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from jit_jax import checkpoint as ckpt_lib
-from jit_jax import config_lib, diffusion, images, sampling, sharding
+from jit_jax import config_lib, diffusion, images, preemption, sampling, sharding
 from jit_jax import model as model_lib
 from jit_jax.data import pipeline
 
@@ -72,8 +71,14 @@ def init_state(graphdef: Any, model_config: model_lib.JiTConfig, tx: optax.Gradi
                ema_decays, seed: int) -> dict:
     """Fresh state; every EMA copy starts as the initial weights (official: no EMA warmup)."""
     model = model_lib.JiT(model_config, rngs=nnx.Rngs(params=seed))
-    params = nnx.to_pure_dict(nnx.state(model))
-    return {'params': params, 'opt': tx.init(params), 'ema': {n: params for n in ema_names(ema_decays)},
+    return state_from_weights(nnx.to_pure_dict(nnx.state(model)), {}, tx, ema_decays, seed)
+
+
+def state_from_weights(params: Any, emas: dict, tx: optax.GradientTransformation, ema_decays, seed: int) -> dict:
+    """Step-0 state around given weights: fresh optimizer moments; each EMA copy from `emas` when it has
+    that name, else the weights."""
+    return {'params': params, 'opt': tx.init(params),
+            'ema': {n: emas.get(n, params) for n in ema_names(ema_decays)},
             'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(seed + 1))}
 
 
@@ -127,16 +132,33 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
 
 @jax.jit
 def _accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
-    """Running sums on the device, so the loop never waits for a step to finish before the next."""
-    bad = ~jnp.isfinite(metrics['loss'])
+    """Running sums on the device, so the loop never waits for a step to finish before the next.
+
+    A step is bad when its loss or its gradient norm is not finite (the norm can overflow while the
+    loss is still finite; the update would then write inf into the weights). bad_loss records which.
+    """
+    bad_loss = ~jnp.isfinite(metrics['loss'])
+    bad = bad_loss | ~jnp.isfinite(metrics['grad_norm'])
+    first = bad & (acc['first_bad_step'] < 0)
     return {'loss': acc['loss'] + metrics['loss'], 'grad_norm': acc['grad_norm'] + metrics['grad_norm'],
-            'count': acc['count'] + 1,
-            'first_bad_step': jnp.where(bad & (acc['first_bad_step'] < 0), step, acc['first_bad_step'])}
+            'count': acc['count'] + 1, 'first_bad_step': jnp.where(first, step, acc['first_bad_step']),
+            'bad_loss': jnp.where(first, bad_loss, acc['bad_loss'])}
 
 
 def _empty_metrics() -> dict:
     return {'loss': jnp.zeros(()), 'grad_norm': jnp.zeros(()), 'count': jnp.zeros((), jnp.int32),
-            'first_bad_step': -jnp.ones((), jnp.int32)}
+            'first_bad_step': -jnp.ones((), jnp.int32), 'bad_loss': jnp.zeros((), bool)}
+
+
+def raise_if_not_finite(acc: dict, checkpointer: ckpt_lib.Checkpointer) -> None:
+    """FloatingPointError naming the first bad step (1-based) once the pending checkpoint is written."""
+    bad = int(acc['first_bad_step'])
+    if bad >= 0:
+        checkpointer.wait()
+        what = 'loss' if bool(acc['bad_loss']) else 'gradient norm (the loss was still finite)'
+        raise FloatingPointError(
+            f'non-finite {what} at step {bad + 1}; stopping. The last good checkpoint '
+            f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.')
 
 
 class Trainer:
@@ -171,6 +193,22 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._init()
 
+    def init_from(self, directory: str) -> dict:
+        """Step-0 state from the weights of a `python -m jit_jax.convert` output (fine-tuning).
+
+        The model weights come from its 'params' (or its 'ema1' when it has no raw weights), each EMA copy
+        from the converted copy of the same name when there is one; optimizer moments start fresh.
+        """
+        abstract = ckpt_lib.abstract_with_shardings(self.abstract_state['params'], self.state_shardings['params'])
+        names = ('params', *ema_names(self.spec.ema_decays))
+        weights = ckpt_lib.load_weights(directory, self.model_config, dict.fromkeys(names, abstract))
+        params = weights.pop('params', None)
+        params = weights['ema1'] if params is None else params
+        build = jax.jit(functools.partial(state_from_weights, tx=self.tx, ema_decays=self.spec.ema_decays,
+                                          seed=self.config.seed), out_shardings=self.state_shardings)
+        with jax.set_mesh(self.mesh):
+            return build(params, weights)
+
     def sampling_model(self, state: dict) -> model_lib.JiT:
         """The network with the weights config.sampler.ema names ('ema1', 'ema2' or the raw 'model')."""
         which = self.config.sampler.ema
@@ -196,25 +234,60 @@ class Trainer:
 
 def _meta(trainer: Trainer, step: int) -> dict:
     return {'step': step, 'architecture': ckpt_lib.architecture(trainer.model_config),
+            'resume': ckpt_lib.resume_fields(trainer.config, jax.process_count()),
             'config': json.loads(trainer.config.to_json_best_effort())}
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+def _start(trainer: Trainer, checkpointer: ckpt_lib.Checkpointer, data: Any) -> tuple[int, dict]:
+    """(step, state): the newest checkpoint that restores, else config.train.init_from's weights, else init."""
+    def check(meta, step):
+        ckpt_lib.check_compatible(meta, trainer.model_config, checkpointer.directory, step)
+        ckpt_lib.check_resumable(meta, trainer.config, jax.process_count(), checkpointer.directory, step)
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_with_shardings(
+        trainer.abstract_state, trainer.state_shardings), data, check)
+    if restored is not None:
+        logging.info('resumed from %s at step %d', checkpointer.directory, restored[0])
+        return restored
+    if trainer.config.train.init_from:
+        logging.info('no checkpoint in %s: starting from the weights in %s', checkpointer.directory,
+                     trainer.config.train.init_from)
+        return 0, trainer.init_from(trainer.config.train.init_from)
+    logging.info('no checkpoint in %s: starting from scratch', checkpointer.directory)
+    return 0, trainer.init()
 
-    def _handle(self, signum, frame):  # pylint: disable=unused-argument
-        logging.warning('SIGTERM received: checkpointing at the next step, then exiting')
-        self.requested = True
 
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+class _Profile:
+    """jax.profiler trace of config.train.profile_steps steps after the first (compiling) one of this run,
+    into workdir/plugins/profile/<run>/ (TensorBoard's profile plugin layout)."""
+
+    def __init__(self, workdir: Any, start: int, num_steps: int):
+        self.workdir, self.first, self.last = workdir, start + 1, start + 1 + num_steps
+        self.active = False
+
+    def step(self, step: int, state: Any) -> None:
+        """Called before `step` runs (0-based, as the loop counts)."""
+        if self.first == self.last:
+            return
+        if step == self.first:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(os.fspath(self.workdir))
+            self.active = True
+        elif step == self.last:
+            self.stop(state)
+
+    def stop(self, state: Any = None) -> None:
+        """Ends the trace after `state` is computed (None: at once, e.g. while an error propagates)."""
+        if self.active:
+            if state is not None:
+                jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info('profile of steps %d-%d written to %s/plugins/profile', self.first + 1, self.last,
+                         self.workdir)
 
 
-def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Path, *,
+def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *,
                        hooks: Sequence[Callable[..., Any]] = ()) -> dict:
     """Train (resuming from the latest checkpoint in workdir), log, sample; returns final metrics.
 
@@ -224,7 +297,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Pa
     """
     from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
 
-    workdir = pathlib.Path(workdir).resolve()
+    workdir = ckpt_lib.as_path(workdir)
     trainer = Trainer(config)
     cfg_train = config.train
     num_steps = cfg_train.num_steps
@@ -233,58 +306,46 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Pa
                                          keep_every_steps=cfg_train.keep_every_steps)
     data = pipeline.make_train_iterator(config.data, seed=config.seed)
 
-    start = checkpointer.latest_step()
-    if start is None:
-        state = trainer.init()
-        start = 0
-        logging.info('no checkpoint in %s: starting from scratch', checkpointer.directory)
-    else:
-        ckpt_lib.check_compatible(checkpointer.read_meta(start), trainer.model_config, checkpointer.directory,
-                                  start)
-        state = checkpointer.restore(start, ckpt_lib.abstract_with_shardings(
-            trainer.abstract_state, trainer.state_shardings), data)
-        logging.info('resumed from %s at step %d', checkpointer.directory, start)
+    start, state = _start(trainer, checkpointer, data)
 
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main, asynchronous=True)
+    # TensorBoard event files go through TensorFlow's file system (gs:// included); the path stays a string.
+    writer = metric_writers.create_default_writer(os.fspath(workdir), just_logging=not is_main,
+                                                  asynchronous=True)
     if start == 0 and is_main:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=cfg_train.log_every_steps)
-    preemption = _Preemption()
+    stopper = preemption.Preemption(checkpointer.reached_preemption, sync_every=cfg_train.log_every_steps)
+    profile = _Profile(workdir, start, cfg_train.profile_steps)
     acc, window_start, last = _empty_metrics(), time.time(), {}
     global_batch = config.data.global_batch_size
-
-    def check_finite(acc):
-        bad = int(acc['first_bad_step'])
-        if bad >= 0:
-            checkpointer.wait()
-            raise FloatingPointError(
-                f'non-finite loss at step {bad + 1}; stopping. The last good checkpoint '
-                f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.')
+    ckpt_every = cfg_train.ckpt_every_steps  # 0 = never
 
     try:
         with jax.set_mesh(trainer.mesh):
             for step in range(start, num_steps):
+                profile.step(step, state)
                 batch = sharding.global_batch(next(data), trainer.mesh)
-                state, metrics = trainer.step_fn(state, batch)
+                with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                    state, metrics = trainer.step_fn(state, batch)
                 acc = _accumulate(acc, metrics, jnp.int32(step))
                 done = step + 1
                 report(done)
                 for hook in hooks:
                     hook(done, trainer=trainer, state=state)
-                stop = preemption.requested or checkpointer.reached_preemption(done)
+                stop = stopper.should_stop(done)
                 if done % cfg_train.log_every_steps == 0 or done == num_steps or stop:
                     acc = jax.device_get(acc)
-                    check_finite(acc)
+                    raise_if_not_finite(acc, checkpointer)
                     elapsed = time.time() - window_start
                     last = {'loss': float(acc['loss'] / acc['count']), 'lr': float(trainer.schedule(step)),
                             'grad_norm': float(acc['grad_norm'] / acc['count']),
                             'images_per_sec': float(acc['count'] * global_batch / elapsed)}
                     writer.write_scalars(done, last)
                     acc, window_start = _empty_metrics(), time.time()
-                if done % cfg_train.ckpt_every_steps == 0 or done == num_steps or stop:
-                    check_finite(jax.device_get(acc))
+                if ckpt_every and (done % ckpt_every == 0 or done == num_steps or stop):
+                    raise_if_not_finite(jax.device_get(acc), checkpointer)
                     with report.timed('checkpoint'):
                         checkpointer.save(done, state, data, _meta(trainer, done))
                 if cfg_train.sample_every_steps and (done % cfg_train.sample_every_steps == 0 or done == num_steps):
@@ -296,14 +357,17 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Pa
                         logging.info('sample grid written to %s', path)
                         last['sample_grid'] = str(path)
                 if stop:
-                    logging.warning('preempted at step %d: checkpoint written, exiting', done)
+                    logging.warning('preempted at step %d: %s, exiting', done,
+                                    'checkpoint written' if ckpt_every else 'no checkpoint (ckpt_every_steps=0)')
                     last['preempted_at'] = done
                     break
+        profile.stop(state)
     finally:
+        profile.stop()
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
-        preemption.restore()
+        stopper.close()
     return last
 
 

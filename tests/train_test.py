@@ -36,7 +36,7 @@ def tiny_config(extra: str = '', **fields):
 
 def restore_state(config, workdir, step):
     trainer = train.Trainer(config)
-    checkpointer = ckpt_lib.Checkpointer(pathlib.Path(workdir) / 'checkpoints')
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(os.fspath(workdir), 'checkpoints'))  # gs:// too
     try:
         return checkpointer.restore(step, ckpt_lib.abstract_with_shardings(
             trainer.abstract_state, trainer.state_shardings), None)
