@@ -73,28 +73,42 @@ class InceptionExtractor:
                     jax.numpy.pad(chunk, pad)
             yield rows, jax.device_put(chunk, self._rows)
 
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        return ('pool3', 'logits_unbiased', 'logits') if self.has_logits else ('pool3',)
+
+    def dispatch(self, images: Any) -> list[tuple[int, dict]]:
+        """Start the network on `images` (validated); returns handles for `collect`, without waiting.
+
+        Lets a caller queue the Inception behind other device work (the sampler) and fetch it later.
+        """
+        self._check(images)
+        with jax.set_mesh(self.mesh):
+            return [(rows, self._forward(self._params, self._preprocess(chunk))) for rows, chunk in
+                    self._chunks(images)]
+
+    def collect(self, pending: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
+        keys = self.output_keys
+        if not pending:
+            return {k: np.zeros((0, self.num_features if k == 'pool3' else inception.NUM_LOGITS), np.float32)
+                    for k in keys}
+        fetched = [(rows, jax.device_get({k: out[k] for k in keys})) for rows, out in pending]
+        return {k: np.concatenate([np.asarray(out[k])[:rows] for rows, out in fetched]).astype(np.float32)
+                for k in keys}
+
     def outputs(self, images: Any) -> dict[str, np.ndarray]:
         """Every output the weights have: 'pool3' and, with fc, 'logits_unbiased' and 'logits'."""
-        shape = self._check(images)
-        keys = ('pool3', 'logits_unbiased', 'logits') if self.has_logits else ('pool3',)
-        collected: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        self._check(images)
+        collected: list[dict[str, np.ndarray]] = []
         pending: list[tuple[int, dict]] = []
-
-        def drain(limit: int) -> None:
-            while len(pending) > limit:
-                rows, out = pending.pop(0)
-                for k in keys:
-                    collected[k].append(np.asarray(jax.device_get(out[k]))[:rows])
-
         with jax.set_mesh(self.mesh):
             for rows, chunk in self._chunks(images):
                 pending.append((rows, self._forward(self._params, self._preprocess(chunk))))
-                drain(_LAG)
-            drain(0)
-        if not shape[0]:
-            return {k: np.zeros((0, self.num_features if k == 'pool3' else inception.NUM_LOGITS), np.float32)
-                    for k in keys}
-        return {k: np.concatenate(v).astype(np.float32) for k, v in collected.items()}
+                if len(pending) > _LAG:  # copy the oldest result while later chunks run
+                    collected.append(self.collect(pending[:1]))
+                    pending = pending[1:]
+        collected.append(self.collect(pending))
+        return {k: np.concatenate([c[k] for c in collected]) for k in self.output_keys}
 
     def __call__(self, images: Any, *, logits: bool = False):
         if logits and not self.has_logits:
