@@ -68,6 +68,14 @@ def _noise_fn(shape: tuple[int, ...], noise_scale: float, batch: NamedSharding):
     return jax.jit(draw, in_shardings=(None, batch), out_shardings=batch)
 
 
+@functools.lru_cache(maxsize=2)
+def _load_inception(path: str, batch_size: int):
+    """One extractor (and one compiled Inception) per weights file per process, shared by evaluations."""
+    from jit_jax import fid  # pylint: disable=import-outside-toplevel
+
+    return fid.load_inception(path, batch_size=batch_size)
+
+
 class Evaluator:
     """Samples, scores and stores evaluations of one config with one Trainer (mesh, graph, sampler)."""
 
@@ -78,9 +86,7 @@ class Evaluator:
         self.mesh = self.trainer.mesh
         ev = config.eval
         if extractor is None and ev.inception:
-            from jit_jax import fid  # pylint: disable=import-outside-toplevel
-
-            extractor = fid.load_inception(ev.inception, batch_size=ev.inception_batch_size)
+            extractor = _load_inception(ev.inception, ev.inception_batch_size)
         self.extractor = extractor
         self.reference = frechet.load_stats(ev.reference_stats) if ev.reference_stats else None
         cfg = self.trainer.model_config
