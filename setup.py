@@ -30,5 +30,6 @@ setup(
         'tensorboard>=2.21,<2.22',
         'importlib_resources',  # tfds 4.9.10 imports it in download_and_prepare without declaring it
     ],
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6']},
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6'],
+                    'plot': ['matplotlib>=3.8']},  # evaluate's FID-vs-CFG sweep plot (table only without it)
 )
