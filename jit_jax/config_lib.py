@@ -255,6 +255,14 @@ def resolve_mesh(mesh: Mapping[str, int], num_devices: int | None = None) -> dic
     return sizes
 
 
+def custom_vjp_enabled(setting: str, platform: str) -> bool:
+    """config.model.custom_vjp as the bool JiTConfig takes; 'auto' turns the hand-written VJPs on only on
+    'cpu', the one backend where they were measured to help (XLA:CPU step time and peak memory)."""
+    if setting not in CUSTOM_VJP:
+        raise ValueError(f'config.model.custom_vjp={setting!r}: expected one of {CUSTOM_VJP}')
+    return setting == 'on' or (setting == 'auto' and platform == 'cpu')
+
+
 def model_config(config: config_dict.ConfigDict) -> Any:
     """The jit_jax.model.JiTConfig this config describes; JiTConfig validates it, errors name config fields.
 
@@ -263,7 +271,8 @@ def model_config(config: config_dict.ConfigDict) -> Any:
     so the image and label sizes are stated exactly once. bottleneck_dim 0 (full rank) becomes the patch
     dimension here, the only place that spelling is read.
     """
-    from jit_jax import model as model_lib  # deferred: importing the model pulls in JAX and Flax
+    import jax  # deferred, like the model: reading a config needs neither
+    from jit_jax import model as model_lib
 
     m = config.model
     if m.preset:
@@ -280,7 +289,7 @@ def model_config(config: config_dict.ConfigDict) -> Any:
     fields.update(input_size=config.data.image_size, num_classes=config.data.num_classes,
                   in_channels=m.in_channels, dtype=m.dtype, param_dtype=m.param_dtype,
                   attention_impl=m.attention_impl or None, scan_blocks=m.scan_blocks, remat=m.remat,
-                  custom_vjp=m.custom_vjp)
+                  custom_vjp=custom_vjp_enabled(m.custom_vjp, jax.default_backend()))
     if fields['bottleneck_dim'] == 0:
         fields['bottleneck_dim'] = fields['patch_size'] ** 2 * fields['in_channels']
     try:

@@ -71,7 +71,7 @@ def test_paper_config_is_its_preset(name):
     assert config.model.preset == preset
     assert config.data.image_size == image_size
     want = dataclasses.replace(model_lib.PRESETS[preset], input_size=image_size, num_classes=1000,
-                               dtype='bfloat16', param_dtype='float32', custom_vjp='auto')
+                               dtype='bfloat16', param_dtype='float32', custom_vjp=config_lib.custom_vjp_enabled('auto', jax.default_backend()))
     assert config_lib.model_config(config) == want
     assert want.num_patches == 256  # every paper model sees 16 x 16 tokens
 
@@ -135,7 +135,8 @@ def test_base_is_locked_and_official():
         config.model.pach_size = 8  # a typo must not add a field
     assert config_lib.lr(config) == pytest.approx(2e-4)
     assert config_lib.model_config(config) == dataclasses.replace(
-        model_lib.PRESETS['JiT-B/16'], dtype='bfloat16', custom_vjp='auto')
+        model_lib.PRESETS['JiT-B/16'], dtype='bfloat16',
+        custom_vjp=config_lib.custom_vjp_enabled('auto', jax.default_backend()))
     config.optim.lr = 1e-3
     assert config_lib.lr(config) == 1e-3
 
@@ -429,3 +430,18 @@ def test_config_flags_rejects_unknown_field():
 def test_load_errors_name_the_file():
     with pytest.raises(FileNotFoundError, match='--config nowhere.py'):
         config_lib.load('nowhere.py:steps=3')
+
+
+@pytest.mark.parametrize('setting,platform,expected', [
+    ('on', 'tpu', True), ('off', 'cpu', False), ('auto', 'cpu', True), ('auto', 'tpu', False), ('auto', 'gpu', False)])
+def test_custom_vjp_setting_resolves_per_backend(setting, platform, expected):
+    assert config_lib.custom_vjp_enabled(setting, platform) is expected
+
+
+def test_custom_vjp_off_reaches_the_model():
+    config = config_lib.load('configs/default.py')
+    with config.unlocked():
+        config.model.custom_vjp = 'off'
+    assert config_lib.model_config(config).custom_vjp is False
+    with pytest.raises(ValueError, match='config.model.custom_vjp'):
+        config_lib.custom_vjp_enabled('yes', 'cpu')
