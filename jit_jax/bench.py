@@ -1,9 +1,10 @@
-"""python -m jit_jax.bench {train,forward,sample}: how close one device comes to its own matmul peak.
+"""python -m jit_jax.bench {train,forward,sample,eval}: how close one device comes to its own matmul peak.
 
     python -m jit_jax.bench train --model JiT-B/16 --image-size 256 --batch-size 4 --steps 5 --json /tmp/t.json
     python -m jit_jax.bench forward --config configs/default.py --dtype bfloat16
     python -m jit_jax.bench sample --model JiT-B/16 --batch-size 1 --num-sampling-steps 50
     python -m jit_jax.bench train --smoke          # tiny model, 3 steps: checks the plumbing in seconds
+    python -m jit_jax.bench eval --model JiT-B/16 --batch-size 8 --eval-chunks 2 --inception inception.npz
 
 Each run reports compile time, the median / min / max step time over `--steps` timed runs after
 `--warmup` untimed ones, images/s, tokens/s, model FLOPs per step (analytic from `model.forward_macs`,
@@ -20,6 +21,9 @@ What each mode times (always through the code a run uses, never a re-implementat
 * sample: `sampling.sample` (Heun 50 steps, CFG 3.0 on [0.1, 1] by default). Analytic FLOPs count the
   network forwards actually run: 2B rows where guidance is on, B rows where the unconditional pass is
   skipped. The official sampler always runs 2B rows, 198 image-forwards per image at Heun 50.
+
+* eval: the evaluation loop (`jit_jax.evaluate`: sampling, Inception, PNG and chunk writing) against
+  sampling alone and a pure-forward upper bound, plus the Inception's images/s (jit_jax.fid.speed).
 
 Memory: XLA's `memory_analysis()` of the compiled program (arguments, outputs, temporaries), the
 device's `peak_bytes_in_use` where the backend reports it (GPU / TPU; the CPU client reports nothing),
@@ -52,7 +56,7 @@ from ml_collections import config_dict
 from jit_jax import config_lib, sampling, sharding, train
 from jit_jax import model as model_lib
 
-MODES = ('train', 'forward', 'sample')
+MODES = ('train', 'forward', 'sample', 'eval')
 # Official Heun sampler: every one of its (2 * steps - 1) evaluations runs the cond and uncond passes.
 BUSY_LOAD = 1.3  # 1-minute load above which a 2-core machine is not measuring us alone
 
@@ -450,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--interval-min', type=float, default=None)
     parser.add_argument('--interval-max', type=float, default=None)
     parser.add_argument('--no-skip-uncond', action='store_true', help='always run both passes (official)')
+    parser.add_argument('--inception', default=None, help='eval: weights file (default: random weights)')
+    parser.add_argument('--eval-chunks', type=int, default=2, help='eval: timed chunks of --batch-size images')
     parser.add_argument('--json', default=None, help='write the result here')
     args = parser.parse_args(argv)
     if args.batch_size is None and not args.config and not args.smoke:
@@ -459,8 +465,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run_bench(args)
-    print(format_table(result), flush=True)
+    if args.mode == 'eval':
+        from jit_jax.fid import speed  # pylint: disable=import-outside-toplevel
+
+        config = build_config(args)
+        if args.num_sampling_steps or args.cfg is not None:
+            with config.unlocked():
+                config.sampler.num_steps = args.num_sampling_steps or config.sampler.num_steps
+                config.sampler.cfg_scale = config.sampler.cfg_scale if args.cfg is None else args.cfg
+        mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:args.num_devices])
+        result = speed.run(config, mesh, inception=args.inception, chunks=args.eval_chunks,
+                           model_state=_model_state(config_lib.model_config(config)))
+        result['load_avg_1min'] = os.getloadavg()[0]
+        print(speed.format_table(result), flush=True)
+    else:
+        result = run_bench(args)
+        print(format_table(result), flush=True)
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,21 @@ def base() -> config_dict.ConfigDict:
     mesh.tensor = 1  # model (tensor) parallelism on heads / MLP width; JiT sizes rarely need it
     mesh.param_sharding = 'replicate'  # 'replicate' | 'fsdp' (shard params over the fsdp axis)
 
+    # ---- eval: FID / IS (python -m jit_jax.evaluate, jit_jax.fid) and the optional periodic FID of training
+    config.eval = ev = config_dict.ConfigDict()
+    ev.num_samples = 50_000  # class-balanced: sample i has label i % num_classes (official: 50 per class)
+    ev.weights = 'ema1'  # 'ema1' | 'ema2' | 'model' (raw), or a comma list such as 'ema1,ema2' to sweep
+    ev.checkpoint = ''  # '' = newest checkpoint of --workdir; else a `python -m jit_jax.convert` output dir
+    ev.cfg_scales = ()  # CFG scales to sweep on the same noise; () = config.sampler.cfg_scale only
+    ev.inception = ''  # weights file of `python -m jit_jax.fid prepare`; '' = write samples, no FID
+    ev.reference_stats = ''  # mu/sigma .npz, e.g. the official fid_stats/jit_in256_stats.npz
+    ev.output = 'png'  # samples written besides the chunk files: 'png', 'npz', 'png,npz' or ''
+    ev.chunk_size = 512  # images per resumable chunk; a killed evaluation redoes at most one chunk
+    ev.seed = 0  # noise of sample i is drawn from fold_in(key(seed), i): any chunking gives the same images
+    ev.inception_batch_size = 200  # images per Inception call
+    ev.every_steps = 0  # periodic FID during training (needs inception and reference_stats); 0 = off
+    ev.train_num_samples = 5000  # samples per periodic FID (few thousand: a trend, not the FID-50K)
+
     config.lock()
     return config
 
@@ -625,9 +640,37 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
                       ('profile_steps', 0)):
         _check(config, f'train.{name}', _at_least(low), f'>= {low}')
 
+    _check_eval(config)
+
     # mesh and batch split
     _check(config, 'mesh.param_sharding', PARAM_SHARDINGS, '')
     _check_batch_split(config, resolve_mesh(config.mesh, num_devices))
+
+
+EVAL_OUTPUTS = ('png', 'npz')
+
+
+def eval_weights(config: config_dict.ConfigDict) -> tuple[str, ...]:
+    """config.eval.weights as a tuple ('ema1,ema2' -> ('ema1', 'ema2'))."""
+    return tuple(w.strip() for w in config.eval.weights.split(',') if w.strip())
+
+
+def _check_eval(config: config_dict.ConfigDict) -> None:
+    ev = config.eval
+    _check(config, 'eval.num_samples', _at_least(1), '>= 1')
+    _check(config, 'eval.weights', lambda w: bool(eval_weights(config)) and all(
+        x in SAMPLER_WEIGHTS for x in eval_weights(config)), f'a comma list of {SAMPLER_WEIGHTS}')
+    if 'ema2' in eval_weights(config) and len(config.optim.ema_decays) < 2 and not ev.checkpoint:
+        _fail('eval.weights', ev.weights, 'existing EMA copies: config.optim.ema_decays has 1 entry')
+    _check(config, 'eval.cfg_scales', lambda c: all(x >= 0 for x in c), 'CFG scales >= 0 (1.0 = no guidance)')
+    _check(config, 'eval.output', lambda o: all(x.strip() in EVAL_OUTPUTS for x in o.split(',') if x.strip()),
+           f"a comma list of {EVAL_OUTPUTS} or ''")
+    for name, low in (('chunk_size', 1), ('inception_batch_size', 1), ('every_steps', 0),
+                      ('train_num_samples', 2)):
+        _check(config, f'eval.{name}', _at_least(low), f'>= {low}')
+    if ev.every_steps and not (ev.inception and ev.reference_stats):
+        _fail('eval.every_steps', ev.every_steps, 'config.eval.inception and config.eval.reference_stats to be '
+              'set too (or 0 = no periodic FID)')
 
 
 def _check_batch_split(config: config_dict.ConfigDict, sizes: dict[str, int]) -> None:

@@ -68,11 +68,13 @@ def main(argv: list[str]) -> None:
     _initialise_distributed()
     import jax  # pylint: disable=import-outside-toplevel
 
-    from jit_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+    from jit_jax import config_lib, evaluate, train  # pylint: disable=import-outside-toplevel
 
     logging.info('JAX processes %d, local devices %d, global devices %d (%s)', jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    result = train.train_and_evaluate(config_lib.finalize(_CONFIG.value), _WORKDIR.value)
+    config = config_lib.finalize(_CONFIG.value)
+    # config.eval.every_steps > 0: periodic FID on config.eval.train_num_samples samples, through the CLU writer.
+    result = train.train_and_evaluate(config, _WORKDIR.value, hooks=evaluate.training_hooks(config, _WORKDIR.value))
     logging.info('finished: %s', result)
     if jax.process_count() > 1:
         jax.distributed.shutdown()
