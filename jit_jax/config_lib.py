@@ -172,6 +172,15 @@ def base() -> config_dict.ConfigDict:
     train.keep_every_steps = epochs_to_steps(config, 100)  # also keep these forever (official: 100 ep)
     train.sample_every_steps = epochs_to_steps(config, 5)  # write a sample grid; 0 = never
 
+    # ---- eval: how recognisable conditional samples are (jit_jax.class_accuracy), procedural data only
+    config.eval = ev = config_dict.ConfigDict()
+    # Shape-classifier file (python -m jit_jax.classifier --out FILE); trained and saved there when it is
+    # missing. When set, the run logs sample_class_accuracy at the last step. '' = off.
+    ev.classifier = ''
+    ev.classifier_every_steps = 0  # also score every n steps (0 = only at the last step)
+    ev.classifier_num_images = 500  # conditional samples scored, the classes in turn
+    ev.classifier_seed = 1  # noise seed of the scored samples (the sample grids use config.seed)
+
     # ---- mesh: device mesh axes (jit_jax.sharding); one axis may be -1 = all remaining devices
     config.mesh = mesh = config_dict.ConfigDict()
     mesh.data = -1  # pure data parallelism (batch split, params replicated across it)
@@ -588,6 +597,15 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
     for name, low in (('num_steps', 1), ('log_every_steps', 1), ('keep_checkpoints', 1),
                       ('ckpt_every_steps', 0), ('keep_every_steps', 0), ('sample_every_steps', 0)):
         _check(config, f'train.{name}', _at_least(low), f'>= {low}')
+
+    # eval
+    _check(config, 'eval.classifier_every_steps', _at_least(0), '>= 0')
+    if config.eval.classifier:
+        if config.data.source != 'synthetic':
+            _fail('eval.classifier', config.eval.classifier, "'' unless data.source='synthetic' (the classifier "
+                  'knows only the procedural shape classes)')
+        _check(config, 'eval.classifier_num_images', _at_least(config.data.num_classes),
+               f'>= config.data.num_classes={config.data.num_classes} (every class sampled)')
 
     # mesh and batch split
     _check(config, 'mesh.param_sharding', PARAM_SHARDINGS, '')
