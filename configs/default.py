@@ -73,6 +73,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.sampler.interval_max = 1.0
     config.sampler.num_images = 40  # 4 per class
 
+    # Class accuracy of 500 conditional samples at the end (and at half-time), scored by the shape
+    # classifier (jit_jax.classifier): trained once (about 40 s) into this file, then reused.
+    config.eval.classifier = '~/.cache/jit_jax/shapes_classifier_32px.msgpack'
+    config.eval.classifier_every_steps = steps // 2
+    config.eval.classifier_num_images = 500
+
     config.train.log_every_steps = 50
     config.train.ckpt_every_steps = steps // 2
     config.train.keep_checkpoints = 2

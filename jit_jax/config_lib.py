@@ -202,6 +202,13 @@ def base() -> config_dict.ConfigDict:
     ev.inception_batch_size = 200  # images per Inception call
     ev.every_steps = 0  # periodic FID during training (needs inception and reference_stats); 0 = off
     ev.train_num_samples = 5000  # samples per periodic FID (few thousand: a trend, not the FID-50K)
+    # How recognisable conditional samples are (jit_jax.class_accuracy), procedural data only: a shape-classifier
+    # file (python -m jit_jax.classifier --out FILE), trained and saved there when missing. When set, the run
+    # logs sample_class_accuracy at the last step. '' = off.
+    ev.classifier = ''
+    ev.classifier_every_steps = 0  # also score every n steps (0 = only at the last step)
+    ev.classifier_num_images = 500  # conditional samples scored, the classes in turn
+    ev.classifier_seed = 1  # noise seed of the scored samples (the sample grids use config.seed)
 
     config.lock()
     return config
@@ -668,6 +675,13 @@ def _check_eval(config: config_dict.ConfigDict) -> None:
     for name, low in (('chunk_size', 1), ('inception_batch_size', 1), ('every_steps', 0),
                       ('train_num_samples', 2)):
         _check(config, f'eval.{name}', _at_least(low), f'>= {low}')
+    _check(config, 'eval.classifier_every_steps', _at_least(0), '>= 0')
+    if ev.classifier:
+        if config.data.source != 'synthetic':
+            _fail('eval.classifier', ev.classifier, "'' unless data.source='synthetic' (the classifier "
+                  'knows only the procedural shape classes)')
+        _check(config, 'eval.classifier_num_images', _at_least(config.data.num_classes),
+               f'>= config.data.num_classes={config.data.num_classes} (every class sampled)')
     if ev.every_steps and not (ev.inception and ev.reference_stats):
         _fail('eval.every_steps', ev.every_steps, 'config.eval.inception and config.eval.reference_stats to be '
               'set too (or 0 = no periodic FID)')

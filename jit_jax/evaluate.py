@@ -308,21 +308,17 @@ def write_sweep(directory: pathlib.Path, reports: list[dict[str, Any]]) -> pathl
 
 class PeriodicFID:
     """Training hook body: FID of config.eval.train_num_samples in-memory samples (config.sampler weights
-    and CFG), written through the CLU writer as 'fid_<n>' at the step. Called as fn(step, t, trainer=, state=)
-    by clu.periodic_actions.PeriodicCallback."""
+    and CFG), written through the run's metric writer as 'fid_<n>' at the step. Called as
+    fn(step, t, trainer=, state=, writer=) by clu.periodic_actions.PeriodicCallback."""
 
-    def __init__(self, config: config_dict.ConfigDict, workdir: str | pathlib.Path):
-        self.config, self.workdir = config, pathlib.Path(workdir)
+    def __init__(self, config: config_dict.ConfigDict):
+        self.config = config
         self._evaluator: Evaluator | None = None
-        self._writer = None
 
-    def __call__(self, step: int, t: float | None = None, *, trainer: train.Trainer, state: dict) -> dict:
-        from clu import metric_writers  # pylint: disable=import-outside-toplevel
-
+    def __call__(self, step: int, t: float | None = None, *, trainer: train.Trainer, state: dict,
+                 writer: Any = None) -> dict:
         if self._evaluator is None:
             self._evaluator = Evaluator(self.config, trainer)
-            self._writer = metric_writers.create_default_writer(str(self.workdir),
-                                                                just_logging=jax.process_index() > 0)
         run = Run(self.config.sampler.ema, float(self.config.sampler.cfg_scale))
         n = self.config.eval.train_num_samples
         info = self._evaluator.generate(trainer.sampling_model(state), run, n)
@@ -332,21 +328,21 @@ class PeriodicFID:
         scalars = {f'fid_{n}': result['fid']} if 'fid' in result else {}
         if 'inception_score_mean' in result:
             scalars[f'is_{n}'] = result['inception_score_mean']
-        if scalars:
-            self._writer.write_scalars(step, scalars)
-            self._writer.flush()
+        if scalars and writer is not None:
+            writer.write_scalars(step, scalars)
+            writer.flush()
         logging.info('step %d: periodic %s', step, scalars)
         return result
 
 
-def training_hooks(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> list[Any]:
+def training_hooks(config: config_dict.ConfigDict) -> list[Any]:
     """The periodic FID hook when config.eval.every_steps > 0 (validation ensured weights and stats)."""
     if not config.eval.every_steps:
         return []
     from clu import periodic_actions  # pylint: disable=import-outside-toplevel
 
     return [periodic_actions.PeriodicCallback(every_steps=config.eval.every_steps,
-                                              callback_fn=PeriodicFID(config, workdir))]
+                                              callback_fn=PeriodicFID(config))]
 
 
 def main(argv: list[str]) -> None:

@@ -3,7 +3,9 @@
 The config is built as config_lib.load builds it: the file's get_config(overrides), then the
 `--config.x.y=value` field flags, then config_lib.finalize, which evaluates the derived fields (step
 counts from epochs, the periods of configs/default.py) after all of them. Trains (resuming from the newest checkpoint in DIR when there is one), logs to TensorBoard event files in
-DIR and to the console, and writes sample grids to DIR/samples. On multi-host systems start the same
+DIR and to the console, and writes sample grids to DIR/samples. With config.eval.classifier set, the
+class accuracy of conditional samples is logged too (jit_jax.class_accuracy); the last line printed is
+the final metrics as JSON. On multi-host systems start the same
 command on every host; jax.distributed is initialised from the environment (TPU pods, SLURM) or from
 --coordinator_address / --num_processes / --process_id. DIR may be local or gs:// (etils.epath, Orbax).
 
@@ -15,6 +17,7 @@ jax.distributed.initialize() would wait for peers that never come.
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import app, flags, logging
@@ -73,9 +76,17 @@ def main(argv: list[str]) -> None:
     logging.info('JAX processes %d, local devices %d, global devices %d (%s)', jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
     config = config_lib.finalize(_CONFIG.value)
-    # config.eval.every_steps > 0: periodic FID on config.eval.train_num_samples samples, through the CLU writer.
-    result = train.train_and_evaluate(config, _WORKDIR.value, hooks=evaluate.training_hooks(config, _WORKDIR.value))
+    hooks = evaluate.training_hooks(config)  # periodic FID when config.eval.every_steps > 0
+    if config.eval.classifier:
+        from jit_jax import class_accuracy  # pylint: disable=import-outside-toplevel
+
+        hooks.append(class_accuracy.SampleClassAccuracy.from_config(config))
+    result = train.train_and_evaluate(config, _WORKDIR.value, hooks=hooks)
+    for hook in hooks:
+        result.update(getattr(hook, 'result', {}))
     logging.info('finished: %s', result)
+    if jax.process_index() == 0:
+        print(json.dumps({'final': result}), flush=True)  # one machine-readable line for scripts
     if jax.process_count() > 1:
         jax.distributed.shutdown()
 

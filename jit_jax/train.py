@@ -28,7 +28,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from jit_jax import checkpoint as ckpt_lib
-from jit_jax import config_lib, diffusion, images, preemption, sampling, sharding
+from jit_jax import config_lib, diffusion, images, preemption, sampling, sharding, writers
 from jit_jax import model as model_lib
 from jit_jax.data import pipeline
 
@@ -217,9 +217,13 @@ class Trainer:
 
     def sample_grid(self, state: dict, num_images: int, seed: int) -> np.ndarray:
         """u8 grid of samples; column j shows class j (cycling when there are more columns than classes)."""
-        classes = self.model_config.num_classes
-        columns = min(classes, num_images)
+        columns = min(self.model_config.num_classes, num_images)
         labels = np.arange(num_images, dtype=np.int32) % columns
+        return images.make_grid(self.sample_images(state, labels, seed), columns)
+
+    def sample_images(self, state: dict, labels: np.ndarray, seed: int) -> np.ndarray:
+        """u8[n, h, w, c] samples of the classes `labels` (int32[n]), on every host."""
+        num_images = len(labels)
         if num_images % sharding.data_parallel_size(self.mesh) == 0:
             labels = jax.device_put(labels, sharding.batch_sharding(self.mesh))
         size = self.model_config.input_size
@@ -229,7 +233,7 @@ class Trainer:
         pixels = sampling.to_uint8(out)
         if not pixels.is_fully_addressable:  # multi-host: every host holds only its rows
             pixels = multihost_utils.process_allgather(pixels, tiled=True)
-        return images.make_grid(np.asarray(jax.device_get(pixels)), columns)
+        return np.asarray(jax.device_get(pixels))
 
 
 def _meta(trainer: Trainer, step: int) -> dict:
@@ -291,12 +295,10 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLik
                        hooks: Sequence[Callable[..., Any]] = ()) -> dict:
     """Train (resuming from the latest checkpoint in workdir), log, sample; returns final metrics.
 
-    Each hook is called after every step as hook(step, trainer=..., state=...), the protocol of
+    Each hook is called after every step as hook(step, trainer=..., state=..., writer=...), the protocol of
     clu.periodic_actions (e.g. PeriodicCallback(every_steps=n, callback_fn=fn) calls fn(step, t, trainer,
-    state) every n steps).
+    state, writer) every n steps); writer is the run's metric writer, for hooks that log.
     """
-    from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
-
     workdir = ckpt_lib.as_path(workdir)
     trainer = Trainer(config)
     cfg_train = config.train
@@ -308,14 +310,11 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLik
 
     start, state = _start(trainer, checkpointer, data)
 
-    # TensorBoard event files go through TensorFlow's file system (gs:// included); the path stays a string.
-    writer = metric_writers.create_default_writer(os.fspath(workdir), just_logging=not is_main,
-                                                  asynchronous=True)
+    writer, report = writers.create(workdir, just_logging=not is_main, num_steps=num_steps,
+                                    every_steps=cfg_train.log_every_steps)
     if start == 0 and is_main:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=cfg_train.log_every_steps)
     stopper = preemption.Preemption(checkpointer.reached_preemption, sync_every=cfg_train.log_every_steps)
     profile = _Profile(workdir, start, cfg_train.profile_steps)
     acc, window_start, last = _empty_metrics(), time.time(), {}
@@ -333,7 +332,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLik
                 done = step + 1
                 report(done)
                 for hook in hooks:
-                    hook(done, trainer=trainer, state=state)
+                    hook(done, trainer=trainer, state=state, writer=writer)
                 stop = stopper.should_stop(done)
                 if done % cfg_train.log_every_steps == 0 or done == num_steps or stop:
                     acc = jax.device_get(acc)

@@ -1,5 +1,6 @@
 """python -m jit_jax.evaluate: resumable, chunk-independent sampling, FID reports, the sweep, periodic FID."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -25,7 +26,7 @@ def trained(tmp_path_factory):
     out = {'root': root, 'workdir': root / 'run', 'inception': str(inception), 'stats': str(stats)}
     config = eval_config(out, every_steps=2, train_num_samples=12, chunk_size=8)
     config.train.ckpt_every_steps = 2
-    hooks = evaluate.training_hooks(config, out['workdir'])
+    hooks = evaluate.training_hooks(config)
     train.train_and_evaluate(config, out['workdir'], hooks=hooks)
     out['hook_result'] = hooks[0].get_last_callback_result()
     return out
@@ -105,6 +106,9 @@ def test_periodic_fid_hook_during_training(trained):
     """train_and_evaluate(hooks=training_hooks(config)) ran the FID at step 2 (the fixture's run)."""
     result = trained['hook_result']
     assert np.isfinite(result['fid']) and result['fid'] > 0 and result['inception_score_mean'] >= 1
+    # ... and logged it through the run's own writer (every writer path appends scalars to metrics.jsonl).
+    logged = [json.loads(line) for line in (trained['workdir'] / 'metrics.jsonl').read_text().splitlines()]
+    assert [row['fid_12'] for row in logged if 'fid_12' in row] == [pytest.approx(result['fid'])]
 
 
 def test_eval_config_errors_name_the_field():

@@ -17,7 +17,8 @@ from jit_jax import config_lib, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A model small enough to compile and step in seconds on 2 CPU cores; everything else is configs/default.py.
-TINY = 'hidden=32,depth=2,heads=2,bottleneck=8,ctx_len=2,ctx_start=1,img_size=16,batch=8,sampling_steps=3'
+TINY = ('hidden=32,depth=2,heads=2,bottleneck=8,ctx_len=2,ctx_start=1,img_size=16,batch=8,sampling_steps=3,'
+        'eval.classifier=')
 
 
 def tiny_config(extra: str = '', **fields):

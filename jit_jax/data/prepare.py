@@ -22,6 +22,7 @@ The process that completes the last shard writes dataset_info.json, the file tra
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -71,6 +72,9 @@ def tfds_builder(name: str, data_dir: str, manual_dir: str, *, process_count: in
     if process_count > 1:
         raise RuntimeError(f'TFDS dataset {name} is not built in {builder.data_dir}; TFDS builds it in '
                            'one process: run this command once with --num-processes=1 first')
+    if importlib.util.find_spec('tensorflow') is None:
+        raise ImportError(f'building TFDS {name} needs TensorFlow, which is not installed: '
+                          "pip install 'jit_jax[tf]' (or prepare from an image folder, which needs no TensorFlow)")
     log(f'building TFDS {name} from {manual_dir} into {builder.data_dir} (TFDS progress follows)')
     builder.download_and_prepare(
         file_format='array_record',
