@@ -30,5 +30,7 @@ setup(
         'tensorboard>=2.21,<2.22',
         'importlib_resources',  # tfds 4.9.10 imports it in download_and_prepare without declaring it
     ],
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6']},
+    # plots: the experiments' figures (jit_jax.experiments.plots); the tests draw them, so 'test' has it too.
+    extras_require={'plots': ['matplotlib>=3.8,<4'],
+                    'test': ['pytest>=8', 'pytest-xdist>=3.6', 'matplotlib>=3.8,<4']},
 )

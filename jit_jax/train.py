@@ -207,6 +207,14 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss stopped being finite; `step` is the first such step (a sweep records it and goes on)."""
+
+    def __init__(self, message: str, *, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Path, *,
                        hooks: Sequence[Callable[..., Any]] = ()) -> dict:
     """Train (resuming from the latest checkpoint in workdir), log, sample; returns final metrics.
@@ -252,9 +260,9 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Pa
         bad = int(acc['first_bad_step'])
         if bad >= 0:
             checkpointer.wait()
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f'non-finite loss at step {bad + 1}; stopping. The last good checkpoint '
-                f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.')
+                f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.', step=bad + 1)
 
     try:
         with jax.set_mesh(trainer.mesh):
