@@ -46,7 +46,7 @@ from ml_collections import config_dict
 
 from jit_jax import checkpoint as ckpt_lib
 from jit_jax import config_lib, train
-from jit_jax.experiments import scores
+from jit_jax.experiments import plots, scores
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / 'configs' / 'default.py'
@@ -228,70 +228,7 @@ def settings_record(config: config_dict.ConfigDict, args: argparse.Namespace, sc
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Outputs: table.md (ablation.png is jit_jax.experiments.plots.ablation_figure)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return 'n/a'
-    if isinstance(value, float):
-        return f'{value:.{digits}g}' if abs(value) < 1e4 else f'{value:.3e}'
-    return str(value)
-
-
-def markdown_tables(results: dict) -> str:
-    """The paper's Table 2 layout (rows loss, columns prediction) for each figure, then every cell."""
-    cells, s = results['cells'], results['settings']
-    lines = [f"Setup: {s['image_size']} px synthetic shapes, patch {s['patch_size']} ({s['patch_dim']}-d patches, "
-             f"{s['tokens']} tokens), JiT width {s['hidden_size']}, depth {s['depth']}, batch "
-             f"{s['global_batch_size']}, {s['steps']} steps per cell, {s['sampler']['method']} "
-             f"{s['sampler']['num_steps']} steps, CFG {s['sampler']['cfg_scale']} on "
-             f"{s['sampler']['interval']}.", '']
-    grid = {(c['pred'], c['loss']): c for c in cells if 'pred_loss' in c['grids']}
-    figures = (('mse_mean', 'held-out x-space MSE, mean over t'), ('nn_rmse', 'sample NN RMSE to real images'),
-               ('fd_rp', f"sample Frechet distance (random {s['rp_dim']}-d projection)"))
-    for key, title in figures if grid else ():
-        lines += [f'**{title}** (rows: loss space, columns: prediction space; full-rank patch embedding)', '',
-                  '| loss \\ pred | x-pred | eps-pred | v-pred |', '|---|---|---|---|']
-        for loss in SPACES:
-            row = [_fmt(grid[(p, loss)][key]) if (p, loss) in grid else '' for p in SPACES]
-            lines += [f'| {loss}-loss | ' + ' | '.join(row) + ' |']
-        lines.append('')
-    sweep = [c for c in cells if 'bottleneck' in c['grids']]
-    if sweep:
-        widths = sorted({c['bottleneck_dim'] for c in sweep})
-        lines += ['**Bottleneck sweep** (v-loss; entries: mean MSE / NN RMSE / FD)', '',
-                  '| pred \\ bottleneck | ' + ' | '.join(
-                      f"{w}{' (full)' if w == s['patch_dim'] else ''}" for w in widths) + ' |',
-                  '|---|' + '---|' * len(widths)]
-        for pred in SWEEP_PREDS:
-            by_width = {c['bottleneck_dim']: c for c in sweep if c['pred'] == pred}
-            if by_width:
-                lines.append(f'| {pred}-pred | ' + ' | '.join(
-                    ' / '.join(_fmt(by_width[w][k], 3) for k in ('mse_mean', 'nn_rmse', 'fd_rp'))
-                    if w in by_width else '' for w in widths) + ' |')
-        lines.append('')
-    lowdim = [c for c in cells if 'lowdim' in c['grids']]
-    if lowdim:
-        lines += [f"**Low-dim patches** (patch {lowdim[0]['patch_size']}: {lowdim[0]['patch_dim']}-d patches, "
-                  f"narrower than the width {s['hidden_size']}; v-loss; full-rank embedding)", '',
-                  '| pred | MSE mean | NN RMSE | FD |', '|---|---|---|---|']
-        lines += [f"| {c['pred']}-pred | " + ' | '.join(_fmt(c[k], 3) for k in ('mse_mean', 'nn_rmse', 'fd_rp'))
-                  + ' |' for c in lowdim] + ['']
-    real = results['baselines']['real']
-    lines += ['**All cells** (MSE per t on held-out images; sample figures; `real` = held-out real images '
-              'scored like samples)', '',
-              '| cell | ' + ' | '.join(f'MSE t={t:g}' for t in scores.T_GRID)
-              + ' | MSE mean | NN RMSE | NN label acc | FD | final loss | train s |',
-              '|---|' + '---|' * (len(scores.T_GRID) + 6)]
-    for c in cells:
-        lines.append(f"| {c['name']} | " + ' | '.join(_fmt(c['mse'][f'{t:g}'], 3) for t in scores.T_GRID)
-                     + ' | ' + ' | '.join(_fmt(c[k], 3) for k in ('mse_mean', 'nn_rmse', 'nn_label_acc', 'fd_rp',
-                                                                   'final_loss'))
-                     + f" | {_fmt(c['train_seconds'])} |")
-    lines += [f"| real | {' | '.join('' for _ in scores.T_GRID)} |  | {_fmt(real['nn_rmse'], 3)} | "
-              f"{_fmt(real['nn_label_acc'], 3)} | {_fmt(real['fd_rp'], 3)} |  |  |", '']
-    return '\n'.join(lines)
+# Outputs: table.md and ablation.png (jit_jax.experiments.plots), samples.npz
 
 
 def strip_for(pixels: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -301,9 +238,7 @@ def strip_for(pixels: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndar
 
 
 def write_reports(results: dict, strips: dict[str, np.ndarray], out: pathlib.Path) -> None:
-    from jit_jax.experiments import plots  # pylint: disable=import-outside-toplevel  (matplotlib)
-
-    (out / 'table.md').write_text(markdown_tables(results))
+    (out / 'table.md').write_text(plots.ablation_tables(results))
     plots.ablation_figure(results, strips, out / 'ablation.png')
 
 
@@ -411,8 +346,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         row, pixels = run_cell(config, cell, workdir, scorer, [_grid_progress(report, i * args.steps)])
         rows.append(row)
         strips[cell.name] = strip_for(pixels, scorer.sample_labels, settings.strip_per_class)
-        print(f"cell {i + 1}/{len(cells)} {cell.name} done: MSE mean {_fmt(row['mse_mean'])}, NN RMSE "
-              f"{_fmt(row['nn_rmse'])}, FD {_fmt(row['fd_rp'])} ({row['train_seconds']} s train, "
+        print(f"cell {i + 1}/{len(cells)} {cell.name} done: MSE mean {plots.fmt(row['mse_mean'], 4)}, NN RMSE "
+              f"{plots.fmt(row['nn_rmse'], 4)}, FD {plots.fmt(row['fd_rp'], 4)} ({row['train_seconds']} s train, "
               f"{row.get('eval_seconds', 0)} s eval)", flush=True)
     sampler_steps = settings.sampler_steps or first.sampler.num_steps
     results = {'settings': settings_record(first, args, scorer, sampler_steps),

@@ -1,9 +1,9 @@
-"""The experiments' figures, drawn with matplotlib (the optional 'plots' extra: pip install jit_jax[plots]).
+"""The experiments' figures (matplotlib: the optional 'plots' extra, pip install "jit_jax[plots]") and tables.
 
 toy_grid: rows D, columns prediction target, samples over the true spiral. ablation_figure: the 3x3 table
 of each figure as a heat map, held-out MSE against t, the bottleneck sweep, and one sample strip per cell.
-Both take plain numbers and arrays (what results.json and samples.npz hold), so a figure can be redrawn
-without JAX.
+ablation_tables: the same figures as markdown (table.md). All take plain numbers and arrays (what
+results.json and samples.npz hold), so they can be redrawn without JAX.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    return f'{value:.{digits}g}' if _finite(value) else 'n/a'
+def fmt(value: Any, digits: int = 3) -> str:
+    """A figure for a table or a label: n/a for a diverged (NaN or missing) value."""
+    if not _finite(value):
+        return 'n/a' if value is None or isinstance(value, float) else str(value)
+    return f'{value:.{digits}g}' if abs(value) < 1e4 else f'{value:.3e}'
 
 
 def toy_grid(samples: Mapping[tuple[int, str], np.ndarray], curve: np.ndarray, dims: Sequence[int],
@@ -57,7 +60,7 @@ def toy_grid(samples: Mapping[tuple[int, str], np.ndarray], curve: np.ndarray, d
             if pts is not None:
                 pts = np.clip(np.where(np.isfinite(pts), pts, half_width), -half_width, half_width)
                 ax.scatter(pts[:, 0], pts[:, 1], s=1.5, color='tab:red', alpha=0.35, linewidths=0)
-            ax.text(0.03, 0.97, f'md {_fmt(scores.get((dim, pred)))}', transform=ax.transAxes, va='top',
+            ax.text(0.03, 0.97, f'md {fmt(scores.get((dim, pred)))}', transform=ax.transAxes, va='top',
                     fontsize=8)
             ax.set(xlim=(-half_width, half_width), ylim=(-half_width, half_width), xticks=[], yticks=[],
                    aspect='equal')
@@ -81,7 +84,7 @@ def _heat_table(ax, grid: Mapping[tuple[str, str], dict], key: str, title: str) 
     ax.imshow(np.ma.masked_invalid(values), cmap='RdYlGn_r', norm=norm)
     for i in range(len(SPACES)):
         for j in range(len(SPACES)):
-            ax.text(j, i, _fmt(values[i, j]), ha='center', va='center', fontsize=9)
+            ax.text(j, i, fmt(values[i, j]), ha='center', va='center', fontsize=9)
     ax.set(xticks=range(3), xticklabels=[f'{p}-pred' for p in SPACES], yticks=range(3),
            yticklabels=[f'{l}-loss' for l in SPACES], title=title)
 
@@ -103,8 +106,8 @@ def ablation_figure(results: dict, strips: Mapping[str, np.ndarray], path: pathl
     row = 0
     if grid:
         for col, (key, title) in enumerate((('mse_mean', 'held-out x-MSE (mean over t)'),
-                                            ('nn_rmse', f"sample NN RMSE (real {_fmt(real['nn_rmse'])})"),
-                                            ('fd_rp', f"sample FD, RP-{s['rp_dim']} (real {_fmt(real['fd_rp'])})"))):
+                                            ('nn_rmse', f"sample NN RMSE (real {fmt(real['nn_rmse'])})"),
+                                            ('fd_rp', f"sample FD, RP-{s['rp_dim']} (real {fmt(real['fd_rp'])})"))):
             _heat_table(fig.add_subplot(spec[row, col]), grid, key, title)
         row += 1
     if per_t:
@@ -121,7 +124,7 @@ def ablation_figure(results: dict, strips: Mapping[str, np.ndarray], path: pathl
                                                    ('nn_rmse', 'bottleneck: sample NN RMSE', real['nn_rmse'])),
                                                   start=1):
             ax = fig.add_subplot(spec[row, col])
-            for pred in sorted({c['pred'] for c in sweep}):
+            for pred in dict.fromkeys(c['pred'] for c in sweep):
                 by_width = {c['bottleneck_dim']: c[key] for c in sweep if c['pred'] == pred}
                 ax.plot(range(len(widths)), [by_width.get(w, np.nan) for w in widths], marker='o',
                         color=PRED_COLOURS[pred], label=f'{pred}-pred')
@@ -137,7 +140,7 @@ def ablation_figure(results: dict, strips: Mapping[str, np.ndarray], path: pathl
         if strip is not None and len(strip):
             ax.imshow(np.concatenate(list(strip), axis=1), interpolation='nearest')
         ax.set(xticks=[], yticks=[])
-        ax.set_ylabel(f"{c['name']}\nMSE {_fmt(c['mse_mean'])} NN {_fmt(c['nn_rmse'])} FD {_fmt(c['fd_rp'])}",
+        ax.set_ylabel(f"{c['name']}\nMSE {fmt(c['mse_mean'])} NN {fmt(c['nn_rmse'])} FD {fmt(c['fd_rp'])}",
                       rotation=0, ha='right', va='center', fontsize=7, color=PRED_COLOURS.get(c['pred'], 'k'))
         row += 1
     return _save(fig, path)
@@ -152,3 +155,58 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 
     plt.close(fig)
     return path
+
+
+def ablation_tables(results: dict) -> str:
+    """The paper's Table 2 layout (rows loss, columns prediction) for each figure, then every cell."""
+    cells, s = results['cells'], results['settings']
+    lines = [f"Setup: {s['image_size']} px synthetic shapes, patch {s['patch_size']} ({s['patch_dim']}-d patches, "
+             f"{s['tokens']} tokens), JiT width {s['hidden_size']}, depth {s['depth']}, batch "
+             f"{s['global_batch_size']}, {s['steps']} steps per cell, {s['sampler']['method']} "
+             f"{s['sampler']['num_steps']} steps, CFG {s['sampler']['cfg_scale']} on "
+             f"{s['sampler']['interval']}.", '']
+    grid = {(c['pred'], c['loss']): c for c in cells if 'pred_loss' in c['grids']}
+    figures = (('mse_mean', 'held-out x-space MSE, mean over t'), ('nn_rmse', 'sample NN RMSE to real images'),
+               ('fd_rp', f"sample Frechet distance (random {s['rp_dim']}-d projection)"))
+    for key, title in figures if grid else ():
+        lines += [f'**{title}** (rows: loss space, columns: prediction space; full-rank patch embedding)', '',
+                  '| loss \\ pred | x-pred | eps-pred | v-pred |', '|---|---|---|---|']
+        for loss in SPACES:
+            row = [fmt(grid[(p, loss)][key], 4) if (p, loss) in grid else '' for p in SPACES]
+            lines += [f'| {loss}-loss | ' + ' | '.join(row) + ' |']
+        lines.append('')
+    sweep = [c for c in cells if 'bottleneck' in c['grids']]
+    if sweep:
+        widths = sorted({c['bottleneck_dim'] for c in sweep})
+        lines += ['**Bottleneck sweep** (v-loss; entries: mean MSE / NN RMSE / FD)', '',
+                  '| pred \\ bottleneck | ' + ' | '.join(
+                      f"{w}{' (full)' if w == s['patch_dim'] else ''}" for w in widths) + ' |',
+                  '|---|' + '---|' * len(widths)]
+        for pred in dict.fromkeys(c['pred'] for c in sweep):
+            by_width = {c['bottleneck_dim']: c for c in sweep if c['pred'] == pred}
+            if by_width:
+                lines.append(f'| {pred}-pred | ' + ' | '.join(
+                    ' / '.join(fmt(by_width[w][k], 3) for k in ('mse_mean', 'nn_rmse', 'fd_rp'))
+                    if w in by_width else '' for w in widths) + ' |')
+        lines.append('')
+    lowdim = [c for c in cells if 'lowdim' in c['grids']]
+    if lowdim:
+        lines += [f"**Low-dim patches** (patch {lowdim[0]['patch_size']}: {lowdim[0]['patch_dim']}-d patches, "
+                  f"narrower than the width {s['hidden_size']}; v-loss; full-rank embedding)", '',
+                  '| pred | MSE mean | NN RMSE | FD |', '|---|---|---|---|']
+        lines += [f"| {c['pred']}-pred | " + ' | '.join(fmt(c[k], 3) for k in ('mse_mean', 'nn_rmse', 'fd_rp'))
+                  + ' |' for c in lowdim] + ['']
+    real = results['baselines']['real']
+    lines += ['**All cells** (MSE per t on held-out images; sample figures; `real` = held-out real images '
+              'scored like samples)', '',
+              '| cell | ' + ' | '.join(f'MSE t={t:g}' for t in s['t_grid'])
+              + ' | MSE mean | NN RMSE | NN label acc | FD | final loss | train s |',
+              '|---|' + '---|' * (len(s['t_grid']) + 6)]
+    for c in cells:
+        lines.append(f"| {c['name']} | " + ' | '.join(fmt(c['mse'][f'{t:g}'], 3) for t in s['t_grid'])
+                     + ' | ' + ' | '.join(fmt(c[k], 3) for k in ('mse_mean', 'nn_rmse', 'nn_label_acc', 'fd_rp',
+                                                                   'final_loss'))
+                     + f" | {fmt(c['train_seconds'], 4)} |")
+    lines += [f"| real | {' | '.join('' for _ in s['t_grid'])} |  | {fmt(real['nn_rmse'], 3)} | "
+              f"{fmt(real['nn_label_acc'], 3)} | {fmt(real['fd_rp'], 3)} |  |  |", '']
+    return '\n'.join(lines)
