@@ -52,21 +52,26 @@ def _initialise_distributed() -> None:
         jax.distributed.initialize()  # cluster auto-detection
 
 
-def _quiet_library_logs() -> None:
-    """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter around our progress."""
+def quiet_library_logs() -> None:
+    """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter around our progress.
+
+    Filters absl's handler (app.run's output) and the root logger's (where absl logs go without app.run,
+    as in jit_jax.experiments).
+    """
     import logging as py_logging  # pylint: disable=import-outside-toplevel
 
     def keep(record: py_logging.LogRecord) -> bool:
         return record.levelno >= py_logging.WARNING or not any(
             lib in record.pathname for lib in ('/orbax/', '/grain/', '/etils/'))
 
-    logging.get_absl_handler().addFilter(keep)
+    for handler in (logging.get_absl_handler(), *py_logging.getLogger().handlers):
+        handler.addFilter(keep)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    _quiet_library_logs()
+    quiet_library_logs()
     _hide_accelerators_from_tensorflow()
     _initialise_distributed()
     import jax  # pylint: disable=import-outside-toplevel

@@ -150,15 +150,24 @@ def _empty_metrics() -> dict:
             'first_bad_step': -jnp.ones((), jnp.int32), 'bad_loss': jnp.zeros((), bool)}
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm stopped being finite; `step` is the first such step (1-based; a sweep
+    records it and goes on)."""
+
+    def __init__(self, message: str, *, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def raise_if_not_finite(acc: dict, checkpointer: ckpt_lib.Checkpointer) -> None:
-    """FloatingPointError naming the first bad step (1-based) once the pending checkpoint is written."""
+    """NonFiniteLossError naming the first bad step (1-based) once the pending checkpoint is written."""
     bad = int(acc['first_bad_step'])
     if bad >= 0:
         checkpointer.wait()
         what = 'loss' if bool(acc['bad_loss']) else 'gradient norm (the loss was still finite)'
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f'non-finite {what} at step {bad + 1}; stopping. The last good checkpoint '
-            f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.')
+            f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.', step=bad + 1)
 
 
 class Trainer:
