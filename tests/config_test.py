@@ -194,8 +194,8 @@ def test_derived_fields_follow_the_final_overrides():
     config = load('default.py', 'steps=2000')
     assert (config.optim.warmup_steps, config.train.ckpt_every_steps, config.train.sample_every_steps) == (
         200, 1000, 1000)
-    assert config.optim.ema_decays == pytest.approx((2000 / 2004, 2000 / 2008))
-    assert load('default.py', 'steps=1').optim.ema_decays == pytest.approx((1 / 5, 1 / 9))  # valid when short
+    assert config.optim.ema_decays == pytest.approx((2000 / 2008, 2000 / 2016))
+    assert load('default.py', 'steps=1').optim.ema_decays == pytest.approx((1 / 9, 1 / 17))  # valid when short
     # An override of a derived field replaces its rule; the other rules still follow num_steps.
     config = load('default.py', 'steps=2000,warmup=7')
     assert config.optim.warmup_steps == 7 and config.train.ckpt_every_steps == 1000
