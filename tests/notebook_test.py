@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import pathlib
+import re
 
 import nbformat
 import numpy as np
@@ -57,6 +58,17 @@ def _text(cell) -> str:
     return ''.join(o.get('text', '') for o in cell.outputs if o.get('output_type') == 'stream')
 
 
+def _timings(nb) -> list[float]:
+    """Wall seconds per executed code cell, from nbclient's execution metadata."""
+    import datetime  # pylint: disable=import-outside-toplevel
+
+    def at(cell, key):
+        return datetime.datetime.fromisoformat(cell.metadata.execution[key].replace('Z', '+00:00'))
+
+    return [round((at(c, 'shell.execute_reply') - at(c, 'iopub.status.busy')).total_seconds(), 1)
+            for c in _code_cells(nb) if 'execution' in c.metadata]
+
+
 def _fake_official_checkpoint(out: pathlib.Path, spec: str) -> None:
     """A converted 'official' checkpoint of the network `spec` describes (random weights)."""
     model_config = config_lib.model_config(config_lib.load(spec))
@@ -86,8 +98,8 @@ def test_notebook_runs_against_the_checkout(tmp_path, monkeypatch):
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     parameters = _parameters(nb)
-    grid_cell, plot_cell, official_cell = (_cell(nb, k) for k in ("glob('step_*.png')", "'metrics.jsonl').read_text()",
-                                                                   'OFFICIAL_CHECKPOINT)'))
+    train_cell, grid_cell, plot_cell, official_cell = (_cell(nb, k) for k in (
+        'train_and_evaluate(config', "glob('step_*.png')", "'metrics.jsonl').read_text()", 'OFFICIAL_CHECKPOINT)'))
     overrides = nbformat.v4.new_code_cell(
         f'JIT_JAX_SOURCE = {str(REPO)!r}\nINSTALL = False\nDEMO_STEPS = {STEPS}\nDEMO_OVERRIDES = {TINY!r}\n'
         f"WORKDIR = {str(tmp_path / 'run')!r}\nOFFICIAL_CHECKPOINT = {str(tmp_path / 'official.pth')!r}\n"
@@ -97,7 +109,8 @@ def test_notebook_runs_against_the_checkout(tmp_path, monkeypatch):
         'import json, jit_jax\nprint(' + repr(SUMMARY) + ' + json.dumps({"accelerator": accelerator, '
         '"pip": PIP_INSTALL, "jit_jax": jit_jax.__file__, "num_steps": config.train.num_steps, '
         '"ema_decays": list(config.optim.ema_decays), "result": {k: v for k, v in result.items() '
-        'if isinstance(v, (int, float))}}))')
+        'if isinstance(v, (int, float))}, '
+        '"kernel_cpu_s": sum(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF)[:2])}))')
 
     def rerun(needle: str, setup: str, raises: bool = False):
         cell = nbformat.v4.new_code_cell(setup + '\n' + _cell(nb, needle).source)
@@ -114,6 +127,7 @@ def test_notebook_runs_against_the_checkout(tmp_path, monkeypatch):
                    resources={'metadata': {'path': str(tmp_path)}}).execute()  # raises on any failing cell
 
     report = json.loads(_text(summary).split(SUMMARY, 1)[1])
+    print(f"kernel CPU {report['kernel_cpu_s']:.1f} s; cell wall times (s):", _timings(nb))  # pytest -s
     assert pathlib.Path(report['jit_jax']).is_relative_to(REPO)  # the checkout, not an installed copy
     extra = {'tpu': ['jax[tpu]'], 'gpu': ['jax[cuda12]'], 'cpu': []}[report['accelerator']]
     # The pip step: the source plus the chip's JAX extra and nothing else (no --upgrade, no TensorFlow), so
@@ -123,6 +137,8 @@ def test_notebook_runs_against_the_checkout(tmp_path, monkeypatch):
     assert report['num_steps'] == STEPS
     np.testing.assert_allclose(report['ema_decays'], [STEPS / (STEPS + 4), STEPS / (STEPS + 8)], rtol=1e-6)
 
+    # The training loop's log lines reach the notebook ('[step] ... loss=...', clu's or jit_jax's writer).
+    assert re.search(rf'\[{STEPS}\] [^\n]*\bloss=', _text(train_cell)), _text(train_cell)[-2000:]
     # The final grid is shown: 10 samples of 32 px in one row of 10 class columns, 2 px padding, upscaled 2x.
     final = tmp_path / 'run' / 'samples' / f'step_{STEPS:07d}.png'
     shown = _png_outputs(grid_cell)
