@@ -1,5 +1,5 @@
 """Tests for the toy experiment (jit_jax.experiments.toy): data, projection, metrics, sampler, and a
-reduced end-to-end run that must show the paper's effect (x-pred beats eps-pred at D=512)."""
+reduced end-to-end run that must show the paper's effect (x-pred beats eps- and v-pred at D=512)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from flax import nnx
 
 from jit_jax.experiments import toy
 
-# The smoke run's required gap between eps-pred and x-pred at D=512 (manifold_distance and off_manifold
-# ratios). Measured with `--quick` on seeds 0 and 1: x-pred 0.16-0.19 and eps-pred 104-109 (ratios
-# 550-700x; off_manifold 0.03 vs ~1940), so 10x cannot flake yet fails if eps-pred worked: at D=2, where
-# eps-pred does work, the two are within 2x of each other.
+# The smoke run's required gap to x-pred at D=512. Measured with `--quick` on seeds 0 and 1, manifold
+# distance: x-pred 0.16-0.19, eps-pred 104-109 (550-700x), v-pred 0.35-0.38 (1.9-2.4x); off_manifold:
+# x 0.03, eps ~1940, v ~20 (600x). So 10x (eps in both, v off the plane) and "v further than x" cannot
+# flake, yet fail if eps or v worked: at D=2, where both work, eps is within 1.2x of x and v 3x closer.
 QUICK_MARGIN = 10.0
 
 
@@ -147,9 +147,9 @@ def test_settings_validation_names_the_flag():
         toy.ToySettings(ema_decay=1.0).validate()
 
 
-def test_quick_run_shows_x_pred_beats_eps_pred_at_high_dim(tmp_path):
+def test_quick_run_shows_x_pred_beats_eps_and_v_pred_at_high_dim(tmp_path):
     """The end-to-end command on a reduced grid: x-pred must recover the spiral at D=512 while
-    eps-pred does not, and both outputs must have the documented form."""
+    eps- and v-pred do not, and both outputs must have the documented form."""
     from PIL import Image
 
     assert toy.main(['--out', str(tmp_path), '--quick', '--seed', '0']) == 0
@@ -157,19 +157,21 @@ def test_quick_run_shows_x_pred_beats_eps_pred_at_high_dim(tmp_path):
     assert set(results) == {'settings', 'cells', 'timing'}
     assert results['timing']['cpu_seconds'] > 0
     settings = results['settings']
-    assert settings['dims'] == [2, 512] and settings['preds'] == ['x', 'eps'] and settings['seed'] == 0
+    assert settings['dims'] == [2, 512] and settings['preds'] == ['x', 'eps', 'v'] and settings['seed'] == 0
     for field in ('loss', 'steps', 'batch_size', 'lr', 'warmup_steps', 'end_lr_ratio', 'ema_decay', 't_dist',
                   't_eps', 'solver', 'solver_steps', 'num_samples'):
         assert field in settings, field
-    assert len(results['cells']) == 4
+    assert len(results['cells']) == 6
     for cell in results['cells']:
         assert set(cell) == {'D', 'pred', 'manifold_distance', 'sliced_w1', 'off_manifold'}
-        assert isinstance(cell['D'], int) and cell['pred'] in ('x', 'eps')
+        assert isinstance(cell['D'], int) and cell['pred'] in ('x', 'eps', 'v')
     by_key = {(c['D'], c['pred']): c for c in results['cells']}
-    x_cell, eps_cell = by_key[(512, 'x')], by_key[(512, 'eps')]
+    x_cell, eps_cell, v_cell = by_key[(512, 'x')], by_key[(512, 'eps')], by_key[(512, 'v')]
     assert x_cell['manifold_distance'] < 0.5, x_cell  # x-pred lands on (or near) the spiral
     assert eps_cell['manifold_distance'] > QUICK_MARGIN * x_cell['manifold_distance'], (x_cell, eps_cell)
     assert eps_cell['off_manifold'] > QUICK_MARGIN * x_cell['off_manifold'], (x_cell, eps_cell)
+    assert v_cell['manifold_distance'] > x_cell['manifold_distance'], (x_cell, v_cell)
+    assert v_cell['off_manifold'] > QUICK_MARGIN * x_cell['off_manifold'], (x_cell, v_cell)
     assert by_key[(2, 'x')]['off_manifold'] < 1e-4  # at D=2 there is no orthogonal complement
 
     with Image.open(tmp_path / 'toy.png') as img:

@@ -118,8 +118,8 @@ class ToySettings:
             raise ValueError(f'--num-samples={self.num_samples}; expected >= 2')
 
 
-# The reduced setting of --quick (tests, smoke runs): the two extreme dimensions, x vs eps, ~1/20 of the work.
-QUICK = dict(dims=(2, 512), preds=('x', 'eps'), steps=600, warmup_steps=50, num_samples=500,
+# The reduced setting of --quick (tests, smoke runs): the two extreme dimensions, ~1/20 of the work.
+QUICK = dict(dims=(2, 512), steps=600, warmup_steps=50, num_samples=500,
              solver_steps=25, num_ref_points=5000, num_directions=128, chunk_steps=200)
 
 
