@@ -26,7 +26,7 @@ units: the spiral's outer radius is 2, so 0.02 is 1%; docs/experiments.md has th
   leaves 60% of that step's residual noise in every sample (0.027 / 0.030).
 - 8000 steps at batch 256, lr 3e-3 warmed up over 100 steps and cosine-decayed to 1%: the decay removes
   the optimizer noise that otherwise blurs the samples (constant lr: 0.021 / 0.050). No EMA: the decayed
-  schedule already settles the weights, and EMA 0.999 was worse in shorter constant-lr runs.
+  schedule already settles the weights, and EMA 0.999 was worse in 3000-step runs.
 - Heun with 50 steps (JiT's sampler), 2000 samples per cell.
 """
 
