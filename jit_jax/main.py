@@ -68,7 +68,9 @@ def quiet_library_logs() -> None:
         handler.addFilter(keep)
 
 
-def main(argv: list[str]) -> None:
+def start(argv: list[str]) -> tuple[object, str]:
+    """Start-up shared by every command on these flags (training, jit_jax.evaluate): quiet library logs,
+    TensorFlow off the accelerators, jax.distributed; returns (the finalized config, --workdir)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     quiet_library_logs()
@@ -76,24 +78,37 @@ def main(argv: list[str]) -> None:
     _initialise_distributed()
     import jax  # pylint: disable=import-outside-toplevel
 
-    from jit_jax import config_lib, evaluate, train  # pylint: disable=import-outside-toplevel
+    from jit_jax import config_lib  # pylint: disable=import-outside-toplevel
 
     logging.info('JAX processes %d, local devices %d, global devices %d (%s)', jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    config = config_lib.finalize(_CONFIG.value)
+    return config_lib.finalize(_CONFIG.value), _WORKDIR.value
+
+
+def finish(result: object) -> None:
+    """Prints `result` as one JSON line on process 0 (for scripts) and leaves jax.distributed."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if jax.process_index() == 0:
+        print(json.dumps(result), flush=True)
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
+def main(argv: list[str]) -> None:
+    config, workdir = start(argv)
+    from jit_jax import evaluate, train  # pylint: disable=import-outside-toplevel
+
     hooks = evaluate.training_hooks(config)  # periodic FID when config.eval.every_steps > 0
     if config.eval.classifier:
         from jit_jax import class_accuracy  # pylint: disable=import-outside-toplevel
 
         hooks.append(class_accuracy.SampleClassAccuracy.from_config(config))
-    result = train.train_and_evaluate(config, _WORKDIR.value, hooks=hooks)
+    result = train.train_and_evaluate(config, workdir, hooks=hooks)
     for hook in hooks:
         result.update(getattr(hook, 'result', {}))
     logging.info('finished: %s', result)
-    if jax.process_index() == 0:
-        print(json.dumps({'final': result}), flush=True)  # one machine-readable line for scripts
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()
+    finish({'final': result})
 
 
 if __name__ == '__main__':
