@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jit_jax.experiments import toy
+from jit_jax.experiments import curve_scores, toy
 
 # The smoke run's required gap to x-pred at D=512. Measured with `--quick` on seeds 0 and 1, manifold
 # distance: x-pred 0.16-0.19, eps-pred 104-109 (550-700x), v-pred 0.35-0.38 (1.9-2.4x); off_manifold:
@@ -56,10 +56,10 @@ def test_metrics_are_near_zero_for_true_samples():
     x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 2000))
     other = np.asarray(toy.sample_spiral(jax.random.key(1), 2000))
     xd = np.asarray(toy.embed(jnp.asarray(x2), jnp.asarray(proj)))
-    assert toy.off_manifold(xd, proj) < 1e-5
-    assert toy.manifold_distance(x2, curve) < 2e-3  # the curve's point spacing is ~6e-4
-    assert toy.sliced_w1(x2, x2, 512, seed=0) == 0.0
-    assert toy.sliced_w1(x2, other, 512, seed=0) < 0.1  # two draws of the same law: sampling noise only
+    assert curve_scores.off_manifold(xd, proj) < 1e-5
+    assert curve_scores.manifold_distance(x2, curve) < 2e-3  # the curve's point spacing is ~6e-4
+    assert curve_scores.sliced_w1(x2, x2, 512, seed=0) == 0.0
+    assert curve_scores.sliced_w1(x2, other, 512, seed=0) < 0.1  # two draws of the same law: sampling noise only
 
 
 def test_metrics_are_large_for_noise():
@@ -69,10 +69,10 @@ def test_metrics_are_large_for_noise():
     true = np.asarray(toy.sample_spiral(jax.random.key(0), 2000))
     noise = np.random.default_rng(0).standard_normal((2000, dim)).astype(np.float32)
     noise2 = noise @ proj
-    assert toy.manifold_distance(noise2, curve) > 0.15
-    assert toy.sliced_w1(noise2, true, 512, seed=0) > 0.2
+    assert curve_scores.manifold_distance(noise2, curve) > 0.15
+    assert curve_scores.sliced_w1(noise2, true, 512, seed=0) > 0.2
     # Gaussian noise has D - 2 orthogonal dimensions of unit variance: norm ~ sqrt(D - 2).
-    assert abs(toy.off_manifold(noise, proj) - math.sqrt(dim - 2)) < 0.5
+    assert abs(curve_scores.off_manifold(noise, proj) - math.sqrt(dim - 2)) < 0.5
 
 
 def test_sliced_w1_of_a_shift_is_its_mean_projection():
@@ -80,7 +80,7 @@ def test_sliced_w1_of_a_shift_is_its_mean_projection():
     that is |s| * 2 / pi: checks the sorting, the direction sampling and the averaging at once."""
     x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 1000))
     shift = np.array([0.3, -0.4])
-    got = toy.sliced_w1(x2, x2 + shift, 4096, seed=0)
+    got = curve_scores.sliced_w1(x2, x2 + shift, 4096, seed=0)
     assert got == pytest.approx(0.5 * 2 / math.pi, rel=0.02)
 
 
