@@ -9,10 +9,8 @@ the final metrics as JSON. On multi-host systems start the same
 command on every host; jax.distributed is initialised from the environment (TPU pods, SLURM) or from
 --coordinator_address / --num_processes / --process_id. DIR may be local or gs:// (etils.epath, Orbax).
 
-Environment: JIT_JAX_NO_DISTRIBUTED=1 skips that auto-detection, for one process that runs where
-TPU_WORKER_HOSTNAMES / SLURM_JOB_ID / JAX_COORDINATOR_ADDRESS are set but is not part of a multi-host
-job (an interactive `srun --pty` or salloc shell, a single-host debug run on one pod worker), where
-jax.distributed.initialize() would wait for peers that never come.
+Environment: jax.distributed starts on its own only where the environment describes several processes
+(`multi_host_environment`); JIT_JAX_NO_DISTRIBUTED=1 skips it even there (a debug run on one pod worker).
 """
 
 from __future__ import annotations
@@ -47,9 +45,16 @@ def _initialise_distributed() -> None:
     if _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    elif any(v in os.environ for v in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS')) and \
-            os.environ.get('JIT_JAX_NO_DISTRIBUTED') != '1':
+    elif multi_host_environment(os.environ) and os.environ.get('JIT_JAX_NO_DISTRIBUTED') != '1':
         jax.distributed.initialize()  # cluster auto-detection
+
+
+def multi_host_environment(env) -> bool:
+    """Whether the environment describes a job of several processes: a TPU pod slice (more than one
+    worker host), a SLURM step of more than one task, or an explicit JAX coordinator. One host or one task
+    (a single TPU VM, an interactive srun shell) runs without jax.distributed."""
+    return (',' in env.get('TPU_WORKER_HOSTNAMES', '') or int(env.get('SLURM_NTASKS', '1') or 1) > 1
+            or 'JAX_COORDINATOR_ADDRESS' in env)
 
 
 def quiet_library_logs() -> None:
