@@ -133,9 +133,9 @@ def test_notebook_runs_against_the_checkout(tmp_path, monkeypatch):
     # The pip step: the source plus the chip's JAX extra and nothing else (no --upgrade, no TensorFlow), so
     # whatever the runtime has installed that satisfies jit_jax's bounds stays as it is.
     assert report['pip'][1:] == ['-m', 'pip', 'install', '-q', str(REPO), *extra]
-    # The demo's EMA follows its length (configs/default.py's rule), not the 1000-step default run.
+    # The demo's EMA follows its length (configs/default.py's rule), not the default run.
     assert report['num_steps'] == STEPS
-    np.testing.assert_allclose(report['ema_decays'], [STEPS / (STEPS + 4), STEPS / (STEPS + 8)], rtol=1e-6)
+    np.testing.assert_allclose(report['ema_decays'], [STEPS / (STEPS + 8), STEPS / (STEPS + 16)], rtol=1e-6)
 
     # The training loop's log lines reach the notebook ('[step] ... loss=...', clu's or jit_jax's writer).
     assert re.search(rf'\[{STEPS}\] [^\n]*\bloss=', _text(train_cell)), _text(train_cell)[-2000:]
