@@ -181,18 +181,25 @@ def test_sweep_for_tpu_slices_emits_valid_pod_commands(capsys):
 
 
 def test_sweep_collects_final_loss_and_fid(tmp_path, capsys):
+    """Loss from TensorBoard events (patch=4) or metrics.jsonl (patch=8, preferred: TensorFlow-free and what
+    every run writes), FID: the best of the reports in the layout jit_jax.evaluate writes (eval/<run>/)."""
     from clu import metric_writers
+
+    from jit_jax import evaluate
 
     sweep = _load('sweep')
     grid = ['--grid', 'patch=4,8']
-    for cell, losses in (('patch=4', [0.9, 0.4]), ('patch=8', [0.8])):
-        writer = metric_writers.create_default_writer(str(tmp_path / cell), asynchronous=False)
-        for step, loss in enumerate(losses, 1):
-            writer.write_scalars(step * 10, {'loss': loss, 'lr': 1e-4})
-        writer.close()
-    (tmp_path / 'patch=8' / 'evaluation').mkdir()
-    (tmp_path / 'patch=8' / 'evaluation' / 'report.json').write_text(json.dumps({'fid': 12.345, 'is': 80}))
+    writer = metric_writers.create_default_writer(str(tmp_path / 'patch=4'), asynchronous=False)
+    for step, loss in ((10, 0.9), (20, 0.4)):
+        writer.write_scalars(step, {'loss': loss, 'lr': 1e-4})
+    writer.close()
+    (tmp_path / 'patch=8').mkdir()
+    (tmp_path / 'patch=8' / 'metrics.jsonl').write_text(
+        '{"step": 10, "loss": 0.8}\n{"step": 10, "steps_per_sec": 2.0}\n{"step": 5, "loss": 0.95}\n')
+    for run, fid in ((evaluate.Run('ema1', 1.5), 14.2), (evaluate.Run('ema2', 2.0), 12.345)):
+        (tmp_path / 'patch=8' / 'eval' / run.name).mkdir(parents=True)
+        (tmp_path / 'patch=8' / 'eval' / run.name / 'report.json').write_text(json.dumps({'run': run.name, 'fid': fid}))
     assert sweep.main(['--config', 'configs/default.py', '--workdir', str(tmp_path), *grid, '--collect']) == 0
     rows = [[c.strip() for c in line.strip('|').split('|')] for line in capsys.readouterr().out.splitlines()]
     assert rows[0] == ['patch', 'step', 'loss', 'fid']
-    assert rows[2:] == [['4', '20', '0.4000', '-'], ['8', '10', '0.8000', '12.35']]
+    assert rows[2:] == [['4', '20', '0.4000', '-'], ['8', '10', '0.8000', '12.35 (ema2_cfg2)']]
