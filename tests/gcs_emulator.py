@@ -7,9 +7,9 @@ reads would block it). `EmulatorBucket.env` is the environment that points each 
   Orbax directories, etils.epath, jit_jax.images, config.json -> gcsfs (STORAGE_EMULATOR_HOST, EPATH_USE_TF=false)
   array_record / Grain reads -> CLOUD_STORAGE_EMULATOR_ENDPOINT
 TensorFlow's gs:// file system (tf.summary, hence CLU's TensorBoard writer) has its endpoints built in and
-cannot be pointed at an emulator; the child replaces CLU's TensorBoard writer by a writer that drops the
-scalars and records the logdir it was given, so the test still checks that the gs:// workdir reaches it
-unchanged (metrics.jsonl, written through epath, still lands in the bucket).
+cannot be pointed at an emulator; the child replaces CLU's default writer by its logging half and records
+the logdir it was given, so the test still checks that the gs:// workdir reaches it unchanged
+(metrics.jsonl, written through epath, still lands in the bucket).
 
 As a script (run by tests/gcs_test.py with `env`):
     python tests/gcs_emulator.py train WORKDIR STEPS [--kill_at N] [--sample] [--dump FILE.npz] [--logdir_file F]
@@ -116,17 +116,18 @@ def gcs_bucket(tmp_path):
 
 # ------------------------------------------------------------------------------------------- the child
 def _no_tensorflow_gcs(logdir_file: str) -> None:
-    """CLU's TensorBoard writer replaced by one that records its logdir (TensorFlow cannot reach the emulator)."""
+    """CLU's default writer replaced by its logging half, recording its logdir (TensorFlow cannot reach the
+    emulator)."""
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
 
-    def summary_writer(logdir, **kwargs):
+    def logging_writer(logdir=None, *, just_logging=False, **kwargs):
         del kwargs
-        if logdir_file:
+        if logdir_file and not just_logging:
             with open(logdir_file, 'a', encoding='utf-8') as f:
                 f.write(os.fspath(logdir) + '\n')
-        return metric_writers.MultiWriter([])
+        return metric_writers.LoggingWriter()
 
-    metric_writers.SummaryWriter = summary_writer
+    metric_writers.create_default_writer = logging_writer
 
 
 def _config(args: argparse.Namespace):
