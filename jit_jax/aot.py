@@ -312,6 +312,7 @@ def memory(compiled) -> dict[str, int]:
 def cost(compiled) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    analysis = analysis or {}  # XLA:GPU's deviceless compile gives no cost analysis
     return {'flops': float(analysis.get('flops', 0.0)), 'bytes_accessed': float(analysis.get('bytes accessed', 0.0)),
             'optimal_seconds': float(analysis.get('optimal_seconds', -1.0))}
 
