@@ -156,7 +156,9 @@ def block_residuals(cfg: model_lib.JiTConfig, tokens: int, platform: str = 'cpu'
         terms['proj_drop keep-masks (proj output, MLP hidden)'] = n * (d + f)
     if dropout and cfg.attn_drop > 0:
         terms['attn_drop keep-mask (probs)'] = h * lanes * n
-    if not cfg.custom_vjp:
+    if not cfg.custom_vjp and platform != 'tpu':
+        # XLA:TPU fuses these elementwise chains into their consumers and recomputes them in the backward:
+        # B/16's compiled peak is the same with and without the hand-written VJPs (docs/tpu.md).
         terms['autodiff extras: RMSNorm products (f32)'] = 2 * n * (2 * d + 2 * d) * f32
         terms['autodiff extras: SiLU and its sigmoid'] = 3 * n * f * s
         terms['autodiff extras: exp(logits) (f32)'] = h * lanes * n * f32
