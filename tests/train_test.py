@@ -195,3 +195,13 @@ def test_two_processes_train_end_to_end(tmp_path):
     assert int(state['step']) == 3
     data_files = sorted(p.name for p in (tmp_path / 'checkpoints' / '3' / 'data').iterdir())
     assert len([f for f in data_files if 'process' in f]) == 2, data_files  # one iterator state per host
+
+
+@pytest.mark.parametrize('env,multi', [
+    ({}, False), ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False), ({'TPU_WORKER_HOSTNAMES': 'w-0,w-1'}, True),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, False), ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'}, True),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True)])
+def test_jax_distributed_starts_only_for_several_processes(env, multi):
+    from jit_jax import main as main_lib
+
+    assert main_lib.multi_host_environment(env) is multi

@@ -58,7 +58,8 @@ def toy_grid(samples: Mapping[tuple[int, str], np.ndarray], curve: np.ndarray, d
             ax.plot(curve[:, 0], curve[:, 1], color='tab:blue', lw=0.8)
             pts = samples.get((dim, pred))
             if pts is not None:
-                pts = np.clip(np.where(np.isfinite(pts), pts, half_width), -half_width, half_width)
+                edge = 0.97 * half_width  # just inside the frame, so clipped points stay visible
+                pts = np.clip(np.where(np.isfinite(pts), pts, edge), -edge, edge)
                 ax.scatter(pts[:, 0], pts[:, 1], s=1.5, color='tab:red', alpha=0.35, linewidths=0)
             ax.text(0.03, 0.97, f'md {fmt(scores.get((dim, pred)))}', transform=ax.transAxes, va='top',
                     fontsize=8)
