@@ -42,6 +42,11 @@ for _key, _value in (('TPU_ACCELERATOR_TYPE', 'v5litepod-4'), ('TPU_WORKER_ID', 
                      ('TPU_WORKER_HOSTNAMES', 'localhost'), ('JAX_PLATFORMS', 'cpu'),
                      ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):  # compile-only: no chip to share
     os.environ.setdefault(_key, _value)
+# XLA:GPU without a GPU: autotuning (and Triton GEMM tiling, which relies on it) would need the device; without
+# these the compile fails ('Couldn't find output tile sizes'). XLA:TPU and XLA:CPU ignore them.
+_GPU_FLAGS = ('--xla_gpu_autotune_level=0', '--xla_gpu_enable_triton_gemm=false')
+os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', '')] + [
+    f for f in _GPU_FLAGS if f.split('=')[0] not in os.environ.get('XLA_FLAGS', '')]).strip()
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -312,6 +317,7 @@ def memory(compiled) -> dict[str, int]:
 def cost(compiled) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    analysis = analysis or {}  # XLA:GPU's deviceless compile gives no cost analysis
     return {'flops': float(analysis.get('flops', 0.0)), 'bytes_accessed': float(analysis.get('bytes accessed', 0.0)),
             'optimal_seconds': float(analysis.get('optimal_seconds', -1.0))}
 

@@ -3,6 +3,7 @@
     python -m jit_jax.aot_tables paper      [--cache C.json]   # every paper config on its slice
     python -m jit_jax.aot_tables variants   --config configs/jit_b16_in256.py --topology v5p-32
     python -m jit_jax.aot_tables max-batch  [--models b16,l16,h16,g16]
+    python -m jit_jax.aot_tables paper --cached-only                 # the table from the cache alone
 
 Every compile's report is cached in a JSON file (default docs/tpu_compiles.json) under its config spec,
 overrides and topology, so a table is rebuilt from the cache and only new entries are compiled (each is
@@ -37,7 +38,9 @@ PAPER_RUNS = (
 )
 # Numerics variants: config overrides on top of the run's own settings.
 VARIANTS = (
-    ('as configured', ''), ('custom VJP off', 'model.custom_vjp=off'), ('remat dots', 'model.remat=dots'),
+    ('as configured', ''), ('custom VJP off', 'model.custom_vjp=off'),
+    ('custom VJPs, own attention', 'model.custom_vjp=on,model.attention_impl=own'),
+    ('remat dots', 'model.remat=dots'),
     ('remat block', 'model.remat=block'), ('scan over blocks', 'model.scan_blocks=True'),
     ('attention: xla', 'model.attention_impl=xla'), ('bf16 params', 'model.param_dtype=bfloat16'),
 )
@@ -50,25 +53,38 @@ MAX_BATCH_RUNS = {
 class Cache:
     """Compile reports by key, persisted as JSON after every new entry (a long run can be resumed)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, cached_only: bool = False):
+        self.path, self.cached_only = path, cached_only  # cached_only: missing entries are None, not compiled
         self.entries: dict[str, Any] = {}
         if os.path.exists(path):
             with open(path, encoding='utf-8') as f:
                 self.entries = json.load(f)
 
-    def get(self, spec: str, overrides: str, topology: str, programs=('train',)) -> dict[str, Any]:
+    def get(self, spec: str, overrides: str, topology: str, programs=('train',)) -> dict[str, Any] | None:
         key = f'{spec} | {overrides} | {topology} | {",".join(programs)}'
+        config = config_lib.read(spec)
+        if overrides:
+            config_lib.apply_overrides(config, overrides)
+        config = config_lib.finalize(config)
+        if key in self.entries and not _same_numerics(self.entries[key], config):
+            del self.entries[key]  # compiled under other defaults (BACKEND_DEFAULTS changed): stale
+        if key not in self.entries and self.cached_only:
+            return None
         if key not in self.entries:
-            config = config_lib.read(spec)
-            if overrides:
-                config_lib.apply_overrides(config, overrides)
-            config = config_lib.finalize(config)
             print(f'compiling {key} ...', file=sys.stderr, flush=True)
             self.entries[key] = aot.report(config, aot.parse_topology(topology), programs=programs)
             with open(self.path, 'w', encoding='utf-8') as f:
                 json.dump(self.entries, f, indent=1, sort_keys=True)
         return self.entries[key]
+
+
+_NUMERICS = ('attention_impl', 'custom_vjp', 'dtype', 'param_dtype', 'remat', 'scan_blocks')
+
+
+def _same_numerics(rep: dict[str, Any], config) -> bool:
+    """Whether a cached report compiled the numerics the config resolves to on TPU now."""
+    cfg = config_lib.model_config(config, platform='tpu')
+    return all(rep['model'].get(k) == getattr(cfg, k) for k in _NUMERICS)
 
 
 def predicted(spec: str, overrides: str, rep: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +115,9 @@ def paper_table(cache: Cache) -> str:
             '| XLA step ms | img/s/chip | MFU bound |', '|' + '---|' * 10]
     for spec, topology in PAPER_RUNS:
         rep = cache.get(spec, '', topology)
+        if rep is None:
+            rows.append(f'| {os.path.basename(spec)} | {topology} | not compiled |' + ' |' * 7)
+            continue
         train, model = rep['programs']['train'], predicted(spec, '', rep)['total'] / GIB
         peak = _peak(rep)
         cell = f"{peak:.2f} ({rep['chip']['hbm_gib']})" if peak else f"does not fit: {_needs(rep):.1f}"
@@ -113,17 +132,26 @@ def paper_table(cache: Cache) -> str:
 
 def variants_table(cache: Cache, spec: str, topology: str) -> str:
     rows = [f'{os.path.basename(spec)} on {topology}:', '',
-            '| variant | peak GiB | temp GiB | TFLOP/chip | bytes accessed GiB | XLA step ms | model GiB |',
-            '|' + '---|' * 7]
-    for name, overrides in VARIANTS:
+            '| variant | compiled as | peak GiB | temp GiB | TFLOP/chip | bytes accessed GiB | XLA step ms | model GiB |',
+            '|' + '---|' * 8]
+    listed = {overrides for _, overrides in VARIANTS}
+    others = sorted({k.split(' | ')[1] for k in cache.entries if k.startswith(f'{spec} | ')
+                     and k.endswith(f' | {topology} | train')} - listed)  # e.g. compiles under other defaults
+    for name, overrides in list(VARIANTS) + [(f'`{o}`', o) for o in others]:
         rep = cache.get(spec, overrides, topology)
+        if rep is None:
+            rows.append(f'| {name} | | not compiled |' + ' |' * 5)
+            continue
         train, model = rep['programs']['train'], predicted(spec, overrides, rep)['total'] / GIB
+        m = rep['model']
+        how = (f"vjp {'custom' if m['custom_vjp'] else 'autodiff'}, attention {m['attention_impl'] or 'jax'}, "
+               f"remat {m['remat']}{', scan' if m['scan_blocks'] else ''}, params {m['param_dtype']}")
         if not train.get('memory'):
-            rows.append(f'| {name} | does not fit: {_needs(rep):.1f} | | | | | {model:.2f} |')
+            rows.append(f'| {name} | {how} | does not fit: {_needs(rep):.1f} | | | | | {model:.2f} |')
             continue
         c, m = train['cost'], train['memory']
         step = f"{c['optimal_seconds'] * 1e3:.1f}" if c['optimal_seconds'] > 0 else '-'
-        rows.append(f"| {name} | {m['peak'] / GIB:.2f} | {m['temp'] / GIB:.2f} | {c['flops'] / 1e12:.2f} | "
+        rows.append(f"| {name} | {how} | {m['peak'] / GIB:.2f} | {m['temp'] / GIB:.2f} | {c['flops'] / 1e12:.2f} | "
                     f"{c['bytes_accessed'] / GIB:.1f} | {step} | {model:.2f} |")
     return '\n'.join(rows)
 
@@ -179,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--cache', default=DEFAULT_CACHE, help='JSON cache of compile reports')
     parser.add_argument('--config', default='configs/jit_b16_in256.py', help='variants: the config spec')
     parser.add_argument('--topology', default='v5p-32', help='variants: the slice')
+    parser.add_argument('--cached-only', action='store_true',
+                        help='paper / variants: tabulate what the cache holds, compile nothing')
     parser.add_argument('--models', default=','.join(MAX_BATCH_RUNS), help=f'max-batch: of {sorted(MAX_BATCH_RUNS)}')
     args = parser.parse_args(argv)
-    cache = Cache(args.cache)
+    cache = Cache(args.cache, cached_only=args.cached_only)
     if args.table == 'paper':
         print(paper_table(cache))
     elif args.table == 'variants':

@@ -11,8 +11,9 @@ same noise: sample i starts from noise_scale * N(0, 1) drawn from fold_in(key(co
 whatever the chunking, device count or host count. Work is cut into chunks of config.eval.chunk_size
 images, sampled over all devices, and each chunk is written atomically (images, labels, features) under
 DIR/eval/<weights>_cfg<scale>/chunks; a killed evaluation restarts at the first missing chunk and
-produces the same images. Results go to DIR/eval/<run>/report.json, the TensorBoard event files in
-DIR/eval, and, for a sweep, DIR/eval/sweep.{md,json} (+ sweep.png with matplotlib).
+produces the same images. Results go to DIR/eval/<run>/report.json, the scalars to DIR/eval (TensorBoard
+event files, metrics.jsonl), and, for a sweep, DIR/eval/sweep.{md,json} (+ sweep.png with matplotlib).
+DIR, config.eval.inception and config.eval.reference_stats may be local or gs:// (etils.epath).
 
 The same loop, in memory and on config.eval.train_num_samples images, is the periodic FID of training
 (`training_hooks`, config.eval.every_steps).
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import pathlib
+import os
 import time
 from typing import Any
 
@@ -31,13 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
 from jit_jax import config_lib, sampling, sharding, train
-from jit_jax.fid import frechet, samples
+from jit_jax.fid import frechet, samples, storage
 
 IS_UNAVAILABLE = 'unavailable: the Inception weights have no fc layer (convert a torch-fidelity .pth)'
 
@@ -97,7 +100,7 @@ class Evaluator:
         self._batch = sharding.batch_sharding(self.mesh)
 
     # ---- weights
-    def load_models(self, workdir: pathlib.Path, names: tuple[str, ...]) -> tuple[int, dict[str, Any]]:
+    def load_models(self, workdir: epath.Path, names: tuple[str, ...]) -> tuple[int, dict[str, Any]]:
         """(step, {name: network}) from config.eval.checkpoint or the newest checkpoint of workdir."""
         replicated = NamedSharding(self.mesh, P())
         if self.config.eval.checkpoint:
@@ -149,7 +152,7 @@ class Evaluator:
         mine = self.extractor.outputs(host[jax.process_index() * share:][:share])
         return host, {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in mine.items()}
 
-    def generate(self, model: Any, run: Run, num_samples: int, directory: pathlib.Path | None = None,
+    def generate(self, model: Any, run: Run, num_samples: int, directory: str | os.PathLike | None = None,
                  png: bool = False) -> dict[str, Any]:
         """Sample num_samples images chunk by chunk (resuming from `directory` when given)."""
         spec = dataclasses.replace(self.trainer.sampler, cfg_scale=run.cfg_scale)
@@ -211,7 +214,7 @@ class Evaluator:
                 out['inception_score'] = IS_UNAVAILABLE
         return out
 
-    def evaluate_run(self, model: Any, run: Run, directory: pathlib.Path, step: int) -> dict[str, Any]:
+    def evaluate_run(self, model: Any, run: Run, directory: epath.Path, step: int) -> dict[str, Any]:
         ev = self.config.eval
         outputs = {x.strip() for x in ev.output.split(',') if x.strip()}
         info = self.generate(model, run, ev.num_samples, directory, png='png' in outputs)
@@ -221,18 +224,18 @@ class Evaluator:
             n = info['num_chunks']
             stats, logits = frechet.RunningStats(), []
             for i in range(n):
-                with np.load(samples.chunk_path(directory, i)) as data:
-                    if 'pool3' in data.files:
-                        stats.add(data['pool3'])
-                    if 'logits_unbiased' in data.files:
-                        logits.append(data['logits_unbiased'])
+                data = samples.load_chunk(directory, i)
+                if 'pool3' in data:
+                    stats.add(data['pool3'])
+                if 'logits_unbiased' in data:
+                    logits.append(data['logits_unbiased'])
             if self.extractor is not None:
                 report.update(self.score(stats, np.concatenate(logits) if logits else None))
             if 'npz' in outputs:
                 def chunks():
                     for i in range(n):
-                        with np.load(samples.chunk_path(directory, i)) as data:
-                            yield data['images'], data['labels']
+                        data = samples.load_chunk(directory, i)
+                        yield data['images'], data['labels']
                 report['npz'] = str(samples.write_npz(directory / 'samples.npz', chunks(), ev.num_samples,
                                                       self.image_shape))
             report.update(images_per_sec=info['images_per_sec'], sampling_seconds=info['seconds'],
@@ -244,16 +247,17 @@ class Evaluator:
         return report
 
 
-def evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Every run of the sweep; returns their reports (and writes them, the table and TensorBoard scalars)."""
-    from clu import metric_writers  # pylint: disable=import-outside-toplevel
+def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run of the sweep; returns their reports (and writes them, the table and the scalars: TensorBoard
+    event files when TensorFlow is installed, and DIR/eval/metrics.jsonl). `workdir`: local or gs://."""
+    from jit_jax import writers  # pylint: disable=import-outside-toplevel
 
-    workdir = pathlib.Path(workdir).resolve()
+    workdir = storage.as_path(workdir)
     evaluator = Evaluator(config)
     plan = runs(config)
     step, models = evaluator.load_models(workdir, tuple(dict.fromkeys(r.weights for r in plan)))
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(str(workdir / 'eval'), just_logging=not is_main)
+    writer, _ = writers.create(workdir / 'eval', just_logging=not is_main, num_steps=1, every_steps=1)
     reports = []
     for run in plan:
         report = evaluator.evaluate_run(models[run.weights], run, workdir / 'eval' / run.name, step)
@@ -262,13 +266,13 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> lis
             writer.write_scalars(step, scalars)
         logging.info('%s: %s', run.name, {k: report.get(k) for k in ('fid', 'inception_score_mean')})
         reports.append(report)
-    writer.flush()
+    writer.close()
     if is_main and len(plan) > 1:
         write_sweep(workdir / 'eval', reports)
     return reports
 
 
-def write_sweep(directory: pathlib.Path, reports: list[dict[str, Any]]) -> pathlib.Path:
+def write_sweep(directory: epath.Path, reports: list[dict[str, Any]]) -> epath.Path:
     """sweep.json, a Markdown table of FID (rows: CFG scale, columns: weights) and, with matplotlib, sweep.png."""
     metric = 'fid' if all('fid' in r for r in reports) else None
     (directory / 'sweep.json').write_text(json.dumps(reports, indent=2, sort_keys=True, default=str))
@@ -301,8 +305,10 @@ def write_sweep(directory: pathlib.Path, reports: list[dict[str, Any]]) -> pathl
         ax.set_ylabel('FID')
         ax.legend()
         fig.tight_layout()
-        fig.savefig(directory / 'sweep.png', dpi=120)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format='png', dpi=120)
         plt.close(fig)
+        storage.write_bytes(directory / 'sweep.png', buffer.getvalue())
     return path
 
 

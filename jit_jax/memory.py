@@ -22,6 +22,12 @@ The terms, per device, in bytes:
   residuals are rebuilt during its backward; 'dots' keeps the outputs of the weight matmuls.
 * transient: the working set of one block's backward (gradients of its widest intermediates), and under fsdp
   the all-gathered compute-dtype weights of the block in flight (kept as residuals without remat).
+* dropout: each block where dropout is active keeps its keep-masks (one byte per element) for the backward:
+  proj_drop's on the attention projection's output and the MLP's hidden layer, attn_drop's on the probs.
+
+On TPU (platform='tpu') XLA:TPU stores arrays in (8, 128) tiles and lays the attention tensors out with the
+token axis minor: q, k, v, the probabilities and their gradients pad the tokens to a multiple of 128
+(288 tokens, i.e. 256 patches + 32 class tokens, take 384 lanes), which the model counts (`_lanes`).
 
 peak = state + max(activations + transient + early gradients, gradients + optimizer temporaries).
 
@@ -112,23 +118,30 @@ def _sharded_elements(shapes, fsdp: int) -> int:
     return total
 
 
-def block_residuals(cfg: model_lib.JiTConfig, tokens: int) -> dict[str, int]:
+def _lanes(tokens: int, platform: str) -> int:
+    """The token axis as the attention tensors store it: XLA:TPU puts it minor, in whole 128-lane tiles."""
+    return -(-tokens // 128) * 128 if platform == 'tpu' else tokens
+
+
+def block_residuals(cfg: model_lib.JiTConfig, tokens: int, platform: str = 'cpu',
+                    dropout: bool = False) -> dict[str, int]:
     """Bytes one block keeps for its backward, per image, without remat, by tensor.
 
     Read off the block's code (model.Block / Attention / SwiGLU): compute-dtype tensors take cfg.dtype's
     width; the residual stream, norm statistics and attention probabilities are float32 whatever the dtype.
     With cfg.custom_vjp False, autodiff keeps more: each RMSNorm's two intermediate products, SiLU's
-    sigmoid and products, and both exp(logits) and the normalised probabilities.
+    sigmoid and products, and both exp(logits) and the normalised probabilities. `dropout`: the block is
+    one where dropout is active (cfg.dropout_active) and keeps the keep-masks of its nonzero rates.
     """
     d, f, h, n = cfg.hidden_size, cfg.mlp_hidden, cfg.num_heads, tokens
-    s, f32 = _BYTES[cfg.dtype], 4
+    s, f32, lanes = _BYTES[cfg.dtype], 4, _lanes(tokens, platform)
     terms = {
         'norm1 input x (f32)': n * d * f32,
         'norm1 output (adaLN scale grad)': n * d * s,
         'qkv input': n * d * s,
-        'q, k before qk-norm': 2 * n * d * s,
-        'q, k (roped), v: attention inputs': 3 * n * d * s,
-        'attention probs (f32)': h * n * n * f32,
+        'q, k before qk-norm': 2 * lanes * d * s,
+        'q, k (roped), v: attention inputs': 3 * lanes * d * s,
+        'attention probs (f32)': h * lanes * n * f32,
         'attention output (proj input)': n * d * s,
         'proj output (gate grad)': n * d * s,
         'norm2 input x (f32)': n * d * f32,
@@ -137,12 +150,18 @@ def block_residuals(cfg: model_lib.JiTConfig, tokens: int) -> dict[str, int]:
         'w12 output (gate, value)': 2 * n * f * s,
         'w3 input': n * f * s,
         'w3 output (gate grad)': n * d * s,
-        'norm statistics (f32)': (2 + 2 * h) * n * f32,
+        'norm statistics (f32)': 2 * n * f32 + 2 * h * lanes * f32,
     }
-    if not cfg.custom_vjp:
+    if dropout and cfg.proj_drop > 0:
+        terms['proj_drop keep-masks (proj output, MLP hidden)'] = n * (d + f)
+    if dropout and cfg.attn_drop > 0:
+        terms['attn_drop keep-mask (probs)'] = h * lanes * n
+    if not cfg.custom_vjp and platform != 'tpu':
+        # XLA:TPU fuses these elementwise chains into their consumers and recomputes them in the backward:
+        # B/16's compiled peak is the same with and without the hand-written VJPs (docs/tpu.md).
         terms['autodiff extras: RMSNorm products (f32)'] = 2 * n * (2 * d + 2 * d) * f32
         terms['autodiff extras: SiLU and its sigmoid'] = 3 * n * f * s
-        terms['autodiff extras: exp(logits) (f32)'] = h * n * n * f32
+        terms['autodiff extras: exp(logits) (f32)'] = h * lanes * n * f32
     return terms
 
 
@@ -159,12 +178,12 @@ def _dots_saved(cfg: model_lib.JiTConfig, tokens: int) -> int:
     return tokens * (3 * d + d + 2 * f + d) * s
 
 
-def block_backward_transient(cfg: model_lib.JiTConfig, tokens: int) -> int:
+def block_backward_transient(cfg: model_lib.JiTConfig, tokens: int, platform: str = 'cpu') -> int:
     """Per image: the larger of the MLP's and the attention's backward working sets."""
     d, f, h, n = cfg.hidden_size, cfg.mlp_hidden, cfg.num_heads, tokens
-    s, f32 = _BYTES[cfg.dtype], 4
+    s, f32, lanes = _BYTES[cfg.dtype], 4, _lanes(tokens, platform)
     mlp = n * (3 * f * s + 2 * d * f32)  # d(w12 out), d(w3 in); dx and its running sum
-    attention = n * (2 * h * n * f32 + 4 * d * s + 2 * d * f32)  # d(probs), d(logits); dq, dk, dv, d(out)
+    attention = 2 * h * lanes * n * f32 + lanes * 4 * d * s + n * 2 * d * f32  # d(probs), d(logits); dq..d(out)
     return max(mlp, attention)
 
 
@@ -204,7 +223,9 @@ def train_memory(model: str | model_lib.JiTConfig, global_batch: int, *, data: i
     n0, ctx = cfg.num_patches, cfg.in_context_len
     start = cfg.in_context_start if ctx else cfg.depth
     token_counts = [n0 if i < start else n0 + ctx for i in range(cfg.depth)]
-    per_block = [sum(block_residuals(cfg, n).values()) for n in token_counts]
+    dropout = cfg.proj_drop > 0 or cfg.attn_drop > 0
+    per_block = [sum(block_residuals(cfg, n, platform, dropout and cfg.dropout_active(i)).values())
+                 for i, n in enumerate(token_counts)]
     block_param_elems = block_params(cfg)
     s = _BYTES[cfg.dtype]
     full_block_weights = block_param_elems * s  # one block's weights in the compute dtype, gathered
@@ -217,7 +238,7 @@ def train_memory(model: str | model_lib.JiTConfig, global_batch: int, *, data: i
         saved = sum(n * cfg.hidden_size * 4 + _dots_saved(cfg, n) for n in token_counts)
     rebuilt = 0 if cfg.remat == 'none' else max(per_block)  # one block's residuals during its backward
     activations = b * (saved + outside_blocks(cfg))
-    transient = b * (rebuilt + max(block_backward_transient(cfg, n) for n in token_counts))
+    transient = b * (rebuilt + max(block_backward_transient(cfg, n, platform) for n in token_counts))
     if shard > 1:
         # fsdp: each block's weights are all-gathered around their use; without remat the gathered copies
         # are residuals of the backward, so every block's stay alive until then.

@@ -19,8 +19,10 @@ prints the `sbatch --array` command for launch/gpu_slurm.sbatch (`--run` submits
 prints one `launch/tpu_pod.py watch` per cell, each on its own slice named <tpu_name>-<cell index>
 (`--run` starts them one after another). `--dry-run` prints and never writes or runs anything.
 
-`--collect` reads each cell's workdir: the last `loss` scalar of its TensorBoard events and, when
-`evaluation/report.json` exists there, its FID; it prints one Markdown table (missing values: -).
+`--collect` reads each cell's workdir: the last `loss` scalar of its metrics.jsonl (which every run
+writes, with or without TensorFlow; TensorBoard event files otherwise) and the lowest FID among the
+`eval/<weights>_cfg<scale>/report.json` files that `python -m jit_jax.evaluate` writes there, with the
+run it came from; it prints one Markdown table (missing values: -).
 Workdirs may be local or gs:// (etils.epath / tf.io.gfile); no pathlib on them.
 """
 
@@ -117,9 +119,20 @@ def tpu_commands(argvs: Sequence[Sequence[str]], tpu_name: str, tpu_flags: str,
 
 
 def final_loss(workdir: str) -> tuple[int, float] | None:
-    """(step, loss) of the last `loss` scalar in the TensorBoard event files of workdir, or None."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (tf.io.gfile reads gs:// too)
+    """(step, loss) of the last `loss` scalar of workdir's metrics.jsonl (else its TensorBoard events), or None."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
 
+    from jit_jax import writers  # pylint: disable=import-outside-toplevel
+
+    jsonl = epath.Path(workdir) / writers.METRICS_FILE
+    if jsonl.exists():
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        losses = [(int(row['step']), float(row['loss'])) for row in rows if 'loss' in row]
+        return max(losses, key=lambda pair: pair[0]) if losses else None
+    try:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel  (tf.io.gfile reads gs:// too)
+    except ImportError:
+        return None
     last = None
     for path in sorted(tf.io.gfile.glob(f'{workdir.rstrip("/")}/events.out.tfevents.*')):
         for event in tf.compat.v1.train.summary_iterator(path):
@@ -132,16 +145,16 @@ def final_loss(workdir: str) -> tuple[int, float] | None:
     return last
 
 
-def report_fid(workdir: str) -> float | None:
-    """The FID of workdir/evaluation/report.json (key `fid`, at the top or one level down), or None."""
+def report_fid(workdir: str) -> tuple[float, str] | None:
+    """(fid, run) of the lowest FID among workdir/eval/*/report.json (jit_jax.evaluate's reports), or None."""
     from etils import epath  # pylint: disable=import-outside-toplevel
 
-    path = epath.Path(workdir) / 'evaluation' / 'report.json'
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    candidates = [report, *(v for v in report.values() if isinstance(v, dict))]
-    return next((float(c['fid']) for c in candidates if 'fid' in c), None)
+    best = None
+    for path in sorted(epath.Path(workdir).glob('eval/*/report.json')):
+        report = json.loads(path.read_text())
+        if 'fid' in report and (best is None or report['fid'] < best[0]):
+            best = (float(report['fid']), str(report.get('run', path.parent.name)))
+    return best
 
 
 def collect(workdir: str, grid: Sequence[str]) -> str:
@@ -154,7 +167,7 @@ def collect(workdir: str, grid: Sequence[str]) -> str:
         loss, fid = final_loss(cell), report_fid(cell)
         values = [v for _, v in pairs] or ['base']
         values += [str(loss[0]), f'{loss[1]:.4f}'] if loss else ['-', '-']
-        values.append(f'{fid:.2f}' if fid is not None else '-')
+        values.append(f'{fid[0]:.2f} ({fid[1]})' if fid is not None else '-')
         lines.append('| ' + ' | '.join(values) + ' |')
     return '\n'.join(lines)
 

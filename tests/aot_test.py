@@ -1,6 +1,7 @@
 """Ahead-of-time TPU compiles of the real train step (jit_jax.aot): sharding, memory and collectives as XLA:TPU
 builds them. libtpu (the 'tpu' extra, part of the 'test' extra) holds the compiler; no TPU is needed."""
 
+import json
 import math
 
 import jax
@@ -95,3 +96,17 @@ def test_collectives_parse_async_and_fused_forms():
     out = aot.collectives(hlo)
     assert out == {'all-gather': {'count': 1, 'bytes': 16 * 128 * 2}, 'all-reduce': {'count': 1, 'bytes': 1024},
                    'reduce-scatter': {'count': 1, 'bytes': 2 * 128 * 2}}
+
+
+def test_cached_reports_compiled_under_other_defaults_are_not_reused(tmp_path):
+    from jit_jax import aot_tables  # pylint: disable=import-outside-toplevel
+
+    spec = f'configs/default.py:{TINY}'
+    cfg = config_lib.model_config(config_lib.load(spec), platform='tpu')
+    numerics = {k: getattr(cfg, k) for k in aot_tables._NUMERICS}  # pylint: disable=protected-access
+    key = f'{spec} |  | v5e-4 | train'
+    path = tmp_path / 'cache.json'
+    path.write_text(json.dumps({key: {'model': numerics}}))
+    assert aot_tables.Cache(str(path), cached_only=True).get(spec, '', 'v5e-4') == {'model': numerics}
+    path.write_text(json.dumps({key: {'model': {**numerics, 'custom_vjp': not cfg.custom_vjp}}}))
+    assert aot_tables.Cache(str(path), cached_only=True).get(spec, '', 'v5e-4') is None, 'stale: recompile'

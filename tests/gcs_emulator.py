@@ -8,10 +8,13 @@ reads would block it). `EmulatorBucket.env` is the environment that points each 
   array_record / Grain reads -> CLOUD_STORAGE_EMULATOR_ENDPOINT
 TensorFlow's gs:// file system (tf.summary, hence CLU's TensorBoard writer) has its endpoints built in and
 cannot be pointed at an emulator; the child replaces CLU's default writer by its logging half and records
-the logdir it was given, so the test still checks that the gs:// workdir reaches it unchanged.
+the logdir it was given, so the test still checks that the gs:// workdir reaches it unchanged
+(metrics.jsonl, written through epath, still lands in the bucket).
 
 As a script (run by tests/gcs_test.py with `env`):
     python tests/gcs_emulator.py train WORKDIR STEPS [--kill_at N] [--sample] [--dump FILE.npz] [--logdir_file F]
+    python tests/gcs_emulator.py evaluate WORKDIR STEPS --fid_dir gs://... [--logdir_file F]
+      (a tiny random Inception and reference statistics written to --fid_dir, then jit_jax.evaluate)
 """
 
 from __future__ import annotations
@@ -112,24 +115,38 @@ def gcs_bucket(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the child
-def _train(args: argparse.Namespace) -> None:
+def _no_tensorflow_gcs(logdir_file: str) -> None:
+    """CLU's default writer replaced by its logging half, recording its logdir (TensorFlow cannot reach the
+    emulator)."""
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
+
+    def logging_writer(logdir=None, *, just_logging=False, **kwargs):
+        del kwargs
+        if logdir_file and not just_logging:
+            with open(logdir_file, 'a', encoding='utf-8') as f:
+                f.write(os.fspath(logdir) + '\n')
+        return metric_writers.LoggingWriter()
+
+    metric_writers.create_default_writer = logging_writer
+
+
+def _config(args: argparse.Namespace):
+    import train_test  # pylint: disable=import-outside-toplevel
+
+    return train_test.tiny_config(
+        args.overrides, data__source='arrayrecord', data__data_dir=args.data_dir, train__num_steps=args.steps,
+        train__ckpt_every_steps=2, train__sample_every_steps=args.steps if args.sample else 0)
+
+
+def _train(args: argparse.Namespace) -> None:
     from absl import logging  # pylint: disable=import-outside-toplevel
 
     import train_test  # pylint: disable=import-outside-toplevel
     from jit_jax import train  # pylint: disable=import-outside-toplevel
 
-    def logging_writer(logdir, **kwargs):  # TensorFlow cannot reach the emulator (module docstring)
-        del kwargs
-        if args.logdir_file:
-            pathlib.Path(args.logdir_file).write_text(logdir)
-        return metric_writers.LoggingWriter()
-
-    metric_writers.create_default_writer = logging_writer
+    _no_tensorflow_gcs(args.logdir_file)
     logging.set_verbosity(logging.INFO)  # 'resumed from ...' is what the test reads
-    config = train_test.tiny_config(
-        args.overrides, data__source='arrayrecord', data__data_dir=args.data_dir, train__num_steps=args.steps,
-        train__ckpt_every_steps=2, train__sample_every_steps=args.steps if args.sample else 0)
+    config = _config(args)
     config.sampler.num_images = 8
 
     def kill(step, **kwargs):
@@ -149,9 +166,29 @@ def _train(args: argparse.Namespace) -> None:
         np.savez(args.dump, **leaves)
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    """FID files and an evaluation (two CFG scales: a sweep) of WORKDIR's checkpoint, all on gs://."""
+    from jit_jax import config_lib, evaluate  # pylint: disable=import-outside-toplevel
+    from jit_jax.fid import extractor, frechet, reference, weights  # pylint: disable=import-outside-toplevel
+
+    _no_tensorflow_gcs(args.logdir_file)
+    inception = weights.save(f'{args.fid_dir}/inception.npz', weights.random_weights(width=1 / 16, logits=True),
+                             {'width': 1 / 16, 'source': 'random (test)'})
+    count, read = reference.open_source('synthetic', image_size=16, num_images=20, num_classes=10)
+    stats = frechet.save_stats(f'{args.fid_dir}/ref.npz', *reference.compute_stats(
+        extractor.load_inception(inception, batch_size=16), reference.batches(count, read, 10), count))
+    config = _config(args)
+    with config.unlocked():
+        config.eval.update(inception=os.fspath(inception), reference_stats=os.fspath(stats), inception_batch_size=16,
+                           num_samples=10, chunk_size=4, output='png,npz', weights='ema1', cfg_scales=(1.0, 2.0))
+    config_lib.validate(config)
+    reports = evaluate.evaluate(config, args.workdir)
+    print('reports', json.dumps(reports, default=str), flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument('action', choices=['train'])
+    parser.add_argument('action', choices=['train', 'evaluate'])
     parser.add_argument('workdir')
     parser.add_argument('steps', type=int)
     parser.add_argument('--data_dir', required=True)
@@ -160,7 +197,9 @@ def main(argv=None) -> None:
     parser.add_argument('--sample', action='store_true')
     parser.add_argument('--dump', default='')
     parser.add_argument('--logdir_file', default='')
-    _train(parser.parse_args(argv))
+    parser.add_argument('--fid_dir', default='')
+    args = parser.parse_args(argv)
+    (_train if args.action == 'train' else _evaluate)(args)
 
 
 if __name__ == '__main__':

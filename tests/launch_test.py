@@ -61,6 +61,18 @@ def test_tpu_pod_dry_run_prints_create_install_run(capsys):
     assert '> ~/jit_jax_logs/$(hostname).log' in run_cmd and 'echo $? > ~/jit_jax_logs/$(hostname).exit' in inner
 
 
+def test_tpu_pod_logs_and_delete_dry_runs(capsys):
+    tpu_pod = _load('tpu_pod')
+    assert tpu_pod.main(['logs', '--name=pod', '--zone=z', '--project=p', '--dry-run']) == 0
+    (logs,) = _gcloud_lines(capsys.readouterr().out)
+    assert logs[4:6] == ['ssh', 'pod'] and {'--worker=all', '--zone=z', '--project=p'} <= set(logs)
+    assert logs[-1] == '--command=tail -n 20 ~/jit_jax_logs/$(hostname).log'  # every host's own log
+    assert tpu_pod.main(['delete', '--name=pod', '--zone=z', '--dry-run']) == 0
+    (delete,) = _gcloud_lines(capsys.readouterr().out)
+    assert delete[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod']
+    assert {'--zone=z', '--quiet'} <= set(delete)
+
+
 def test_tpu_pod_refuses_a_local_workdir(capsys):
     tpu_pod = _load('tpu_pod')
     with pytest.raises(SystemExit):
@@ -180,19 +192,41 @@ def test_sweep_for_tpu_slices_emits_valid_pod_commands(capsys):
             'bottleneck=0 --config.seed=5') in out and '--name=sw-3' not in out and ' sw-3 ' in out
 
 
+def test_sweep_dry_run_prints_and_neither_runs_nor_writes(tmp_path, capsys):
+    sweep = _load('sweep')
+    cells = tmp_path / 'cells.txt'
+    assert sweep.main([*GRID, '--workdir', str(tmp_path / 'sw'), '--run', '--dry-run', '--python', 'false']) == 0
+    argvs = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a[:3] for a in argvs] == [['false', '-m', 'jit_jax.main']] * 4  # printed, not run ('false' would fail)
+    assert argvs[1][3:] == ['--config=configs/default.py:patch=4,bottleneck=0', f'--workdir={tmp_path}/sw/patch=4,bottleneck=0']
+    assert sweep.main([*GRID, '--workdir', 'gs://b/sw', '--emit', 'slurm', '--cells_file', str(cells),
+                       '--dry-run', '--run']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f'# {cells}:1: --config=configs/default.py:patch=4,bottleneck=8 --workdir=gs://b/sw/patch=4,bottleneck=8'
+    assert out[-1].startswith('sbatch --array=0-3 ') and len(out) == 5
+    assert not cells.exists() and not (tmp_path / 'sw').exists()
+
+
 def test_sweep_collects_final_loss_and_fid(tmp_path, capsys):
+    """Loss from TensorBoard events (patch=4) or metrics.jsonl (patch=8, preferred: TensorFlow-free and what
+    every run writes), FID: the best of the reports in the layout jit_jax.evaluate writes (eval/<run>/)."""
     from clu import metric_writers
+
+    from jit_jax import evaluate
 
     sweep = _load('sweep')
     grid = ['--grid', 'patch=4,8']
-    for cell, losses in (('patch=4', [0.9, 0.4]), ('patch=8', [0.8])):
-        writer = metric_writers.create_default_writer(str(tmp_path / cell), asynchronous=False)
-        for step, loss in enumerate(losses, 1):
-            writer.write_scalars(step * 10, {'loss': loss, 'lr': 1e-4})
-        writer.close()
-    (tmp_path / 'patch=8' / 'evaluation').mkdir()
-    (tmp_path / 'patch=8' / 'evaluation' / 'report.json').write_text(json.dumps({'fid': 12.345, 'is': 80}))
+    writer = metric_writers.create_default_writer(str(tmp_path / 'patch=4'), asynchronous=False)
+    for step, loss in ((10, 0.9), (20, 0.4)):
+        writer.write_scalars(step, {'loss': loss, 'lr': 1e-4})
+    writer.close()
+    (tmp_path / 'patch=8').mkdir()
+    (tmp_path / 'patch=8' / 'metrics.jsonl').write_text(
+        '{"step": 10, "loss": 0.8}\n{"step": 10, "steps_per_sec": 2.0}\n{"step": 5, "loss": 0.95}\n')
+    for run, fid in ((evaluate.Run('ema1', 1.5), 14.2), (evaluate.Run('ema2', 2.0), 12.345)):
+        (tmp_path / 'patch=8' / 'eval' / run.name).mkdir(parents=True)
+        (tmp_path / 'patch=8' / 'eval' / run.name / 'report.json').write_text(json.dumps({'run': run.name, 'fid': fid}))
     assert sweep.main(['--config', 'configs/default.py', '--workdir', str(tmp_path), *grid, '--collect']) == 0
     rows = [[c.strip() for c in line.strip('|').split('|')] for line in capsys.readouterr().out.splitlines()]
     assert rows[0] == ['patch', 'step', 'loss', 'fid']
-    assert rows[2:] == [['4', '20', '0.4000', '-'], ['8', '10', '0.8000', '12.35']]
+    assert rows[2:] == [['4', '20', '0.4000', '-'], ['8', '10', '0.8000', '12.35 (ema2_cfg2)']]

@@ -85,8 +85,10 @@ def score_images(extractor, images: str, stats_path: str, batch_size: int) -> di
     from jit_jax.fid import frechet, reference  # pylint: disable=import-outside-toplevel
 
     if images.endswith('.npz'):
-        with np.load(images) as data:
-            array = data[data.files[0]] if len(data.files) == 1 else data['images']
+        from jit_jax.fid import storage  # pylint: disable=import-outside-toplevel
+
+        data = storage.load_npz(images)
+        array = next(iter(data.values())) if len(data) == 1 else data['images']
         count, read = len(array), array.__getitem__
     else:
         count, read = reference.open_source('folder', path=images)

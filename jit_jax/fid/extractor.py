@@ -11,7 +11,7 @@ own devices; no collective is involved.
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -130,9 +130,10 @@ def build_model(params: dict[str, np.ndarray], meta: dict[str, Any], precision: 
     return nnx.merge(graphdef, state)
 
 
-def load_inception(path: str | pathlib.Path, *, batch_size: int = 200, precision: str = 'highest',
+def load_inception(path: str | os.PathLike, *, batch_size: int = 200, precision: str = 'highest',
                    devices=None) -> InceptionExtractor:
-    """The FID feature extractor from a weights file made by `python -m jit_jax.fid prepare|convert`.
+    """The FID feature extractor from a weights file (local or gs://) made by `python -m jit_jax.fid
+    prepare|convert`.
 
     precision: matmul / convolution precision; 'highest' keeps float32 on TPUs and GPUs (whose defaults
     use bfloat16 / TF32 passes, which move FID in the second decimal).

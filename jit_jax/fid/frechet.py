@@ -8,9 +8,12 @@ works here as is, and ours work there.
 
 from __future__ import annotations
 
-import pathlib
+import os
 
 import numpy as np
+from etils import epath
+
+from jit_jax.fid import storage
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -85,26 +88,22 @@ class RunningStats:
         return self._shift + mean, 0.5 * (sigma + sigma.T)
 
 
-def save_stats(path: str | pathlib.Path, mu: np.ndarray, sigma: np.ndarray) -> pathlib.Path:
-    """Write the torch-fidelity / official .npz (keys mu, sigma; float64)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'wb') as f:  # a file object: np.savez would otherwise append .npz to other names
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-    return path
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> epath.Path:
+    """Write the torch-fidelity / official .npz (keys mu, sigma; float64) to a local or gs:// path."""
+    return storage.save_npz(path, {'mu': np.asarray(mu, np.float64), 'sigma': np.asarray(sigma, np.float64)})
 
 
-def load_stats(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from a statistics .npz (official `fid_stats/*.npz`, torch-fidelity, or save_stats)."""
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f'reference statistics {path}: no such file')
-    with np.load(path) as data:
-        missing = [k for k in ('mu', 'sigma') if k not in data.files]
-        if missing:
-            raise ValueError(f'reference statistics {path}: missing key(s) {missing}; expected an .npz with '
-                             f'mu [d] and sigma [d, d] (found {data.files})')
-        mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
+    data = storage.load_npz(path)
+    missing = [k for k in ('mu', 'sigma') if k not in data]
+    if missing:
+        raise ValueError(f'reference statistics {path}: missing key(s) {missing}; expected an .npz with '
+                         f'mu [d] and sigma [d, d] (found {sorted(data)})')
+    mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f'reference statistics {path}: mu has shape {mu.shape} and sigma {sigma.shape}; '
                          'expected [d] and [d, d]')

