@@ -350,7 +350,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLik
                     last = {'loss': float(acc['loss'] / acc['count']), 'lr': float(trainer.schedule(step)),
                             'grad_norm': float(acc['grad_norm'] / acc['count']),
                             'images_per_sec': float(acc['count'] * global_batch / elapsed)}
-                    writer.write_scalars(done, last)
+                    writer.write_scalars(done, dict(last))  # a copy: the writer is asynchronous, last grows below
                     acc, window_start = _empty_metrics(), time.time()
                 if ckpt_every and (done % ckpt_every == 0 or done == num_steps or stop):
                     raise_if_not_finite(jax.device_get(acc), checkpointer)
