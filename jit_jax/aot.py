@@ -26,9 +26,7 @@ Cloud TPU names them: 'v5p-128' (cores for v4 / v5p, chips for v5e / v6e) or '<g
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import functools
 import json
 import math
 import os
