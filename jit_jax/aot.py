@@ -6,7 +6,8 @@ XLA's TPU compiler ships in libtpu (`pip install -e '.[tpu]'`) and runs on any h
 come from `jax.experimental.topologies.get_topology_desc`, the run's mesh is laid over them, and the exact
 programs a run executes -- the Trainer's jitted train step with its donation and shardings, and the
 sampler of its sample grids -- are lowered on abstract inputs (`jax.ShapeDtypeStruct`s carrying the
-shardings; nothing is allocated) and compiled. The compiled program then reports, per device:
+shardings; nothing is allocated) and compiled. The compiled program then reports, per device (read by
+jit_jax.aot_analysis):
 
 * HBM by category (`memory_analysis()`: arguments, outputs, aliased = donated, temporaries) against the
   chip's capacity; a program that does not fit fails to compile with RESOURCE_EXHAUSTED, reported here as
@@ -53,8 +54,8 @@ from flax import nnx  # pylint: disable=wrong-import-position
 from jit_jax import config_lib, sampling, sharding  # pylint: disable=wrong-import-position
 from jit_jax import memory as memory_lib  # pylint: disable=wrong-import-position
 from jit_jax import model as model_lib  # pylint: disable=wrong-import-position
-
-GIB = 2 ** 30
+from jit_jax.aot_analysis import (  # pylint: disable=wrong-import-position
+    GIB, collectives, cost, entry_parameters, memory, out_of_memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,6 @@ _GPU_NAMES = {'h100': 'NVIDIA H100 80GB HBM3', 'h200': 'NVIDIA H200'}
 _GRIDS_3D = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8', 256: '4x8x8',
              512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16'}
 _GRIDS_2D = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,129 +221,6 @@ def lower_sampler(trainer, batch: int) -> Any:
     with jax.set_mesh(trainer.mesh):
         return fn.lower(abstract(params, shardings), jax.ShapeDtypeStruct(shape, jnp.float32),
                         jax.ShapeDtypeStruct(shape[:1], jnp.int32))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading the compiled program
-
-
-_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8e4m3fn|f8e5m2)\[([\d,]*)\]')
-_BITS = {'pred': 8, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 'f16': 16, 'bf16': 16, 's32': 32, 'u32': 32,
-         'f32': 32, 's64': 64, 'u64': 64, 'f64': 64, 'f8e4m3fn': 8, 'f8e5m2': 8}
-_OP = re.compile(r'=\s*(\(?.*?\)?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
-_FUSED_RS = re.compile(r'=\s*(\(?.*?\)?)\s+fusion\(.*calls=%all-reduce-scatter')
-
-
-def _shape_bytes(text: str) -> list[int]:
-    return [math.prod(int(d) for d in dims.split(',') if d) * _BITS[dtype] // 8
-            for dtype, dims in _SHAPE.findall(text)]
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {count, bytes}} over the optimised HLO; bytes = result size per device.
-
-    Counts are static: an op inside a loop body (scan over blocks, gradient accumulation, the sampler's
-    ODE steps) counts once. Async pairs count at their -start, whose result tuple holds (operand, result)
-    for gathers and permutes; the result half is taken. XLA:TPU emits a reduce-scatter as a fusion calling
-    an `all-reduce-scatter` computation (an all-reduce inside): it counts as one reduce-scatter. A
-    collective matmul (windowed einsum: a loop of matmul steps and collective-permutes that gathers an
-    operand or reduce-scatters the result as it goes) counts its permutes under 'all-gather (collective
-    matmul)' / 'reduce-scatter (collective matmul)'.
-    """
-    out: dict[str, dict[str, int]] = {}
-    inside_fused_collective = False
-
-    def add(kind, sizes):
-        entry = out.setdefault(kind, {'count': 0, 'bytes': 0})
-        entry['count'] += 1
-        entry['bytes'] += sum(sizes)
-
-    windowed = None  # inside a collective matmul's loop body: its permutes are that gather / reduce-scatter
-    for line in hlo_text.splitlines():
-        if line.endswith('{') and not line.startswith(' '):  # a computation's header
-            name = line.lstrip('%').split(' ')[0]
-            inside_fused_collective = name.startswith('all-reduce-scatter')
-            found = re.search(r'windowed_dot_general_body_(rs|ag)', name)
-            windowed = None if not found else {'rs': 'reduce-scatter', 'ag': 'all-gather'}[found[1]]
-            continue
-        if inside_fused_collective:
-            continue
-        fused = _FUSED_RS.search(line)
-        if fused:
-            add('reduce-scatter', _shape_bytes(fused[1]))
-            continue
-        found = _OP.search(line)
-        if not found:
-            continue
-        sizes = [size for size in _shape_bytes(found[1]) if size > 4]  # drop async-context scalars
-        if found[3] and found[2] in ('all-gather', 'collective-permute', 'all-to-all') and len(sizes) >= 2:
-            sizes = sizes[len(sizes) // 2:]
-        add(f'{windowed} (collective matmul)' if windowed and found[2] == 'collective-permute' else found[2], sizes)
-    return out
-
-
-_PARAM = re.compile(r'^\s*%\S+ = ([a-z0-9]+)\[([\d,]*)\]\S* parameter\((\d+)\)')
-
-
-def entry_parameters(hlo_text: str) -> list[dict[str, Any]]:
-    """The program's per-device inputs in order: dtype, per-device shape and bytes of their elements.
-
-    memory_analysis()'s argument size can exceed the sum of `bytes`: XLA:TPU tiles minor dimensions
-    (layouts like T(8,128)) and pads each buffer to whole tiles.
-    """
-    entry, params = False, {}
-    for line in hlo_text.splitlines():
-        if line.startswith('ENTRY'):
-            entry = True
-        elif entry and line.startswith('}'):
-            break
-        elif entry and (found := _PARAM.match(line)):
-            shape = tuple(int(d) for d in found[2].split(',') if d)
-            params[int(found[3])] = {'dtype': found[1], 'shape': shape,
-                                     'bytes': math.prod(shape) * _BITS[found[1]] // 8}
-    return [params[i] for i in sorted(params)]
-
-
-def memory(compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes,
-           'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes}
-    out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
-    return out
-
-
-def cost(compiled) -> dict[str, float]:
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    analysis = analysis or {}  # XLA:GPU's deviceless compile gives no cost analysis
-    return {'flops': float(analysis.get('flops', 0.0)), 'bytes_accessed': float(analysis.get('bytes accessed', 0.0)),
-            'optimal_seconds': float(analysis.get('optimal_seconds', -1.0))}
-
-
-_OOM_TOTAL = re.compile(r'[Uu]sed\s+([\d.]+)([GMK])\s+of\s+([\d.]+)([GMK])\s+hbm'
-                        r'|required for ([^(]+?)\s*\(([\d.]+)([GMK])\) exceeds available HBM \(([\d.]+)([GMK])\)')
-_OOM_BUFFER = re.compile(r'Size:\s*([\d.]+)([GMK])\b(.*?)(?=\n\s*\d+\.\s*Size:|\Z)', re.S)
-_UNIT = {'G': GIB, 'M': 2 ** 20, 'K': 2 ** 10}
-
-
-def out_of_memory(error: Exception, capacity_gib: float) -> dict[str, Any]:
-    """RESOURCE_EXHAUSTED at compile -> {needs_gib, capacity_gib, largest: [(GiB, what)]}, from XLA's message."""
-    text = str(error)
-    found = _OOM_TOTAL.search(text)
-    needs, capacity, what = None, capacity_gib, 'total'
-    if found and found[1]:
-        needs, capacity = float(found[1]) * _UNIT[found[2]] / GIB, float(found[3]) * _UNIT[found[4]] / GIB
-    elif found:  # 'the total memory required for HLO temporaries (X) exceeds available HBM (Y)'
-        what = found[5].replace('the total memory', '').strip()
-        needs, capacity = float(found[6]) * _UNIT[found[7]] / GIB, float(found[8]) * _UNIT[found[9]] / GIB
-    largest = []
-    for size, unit, what in _OOM_BUFFER.findall(text)[:8]:
-        shape = re.search(r'Shape:\s*(\S+)', what)
-        op = re.search(r'Operator:\s*(.*)', what)
-        largest.append({'gib': round(float(size) * _UNIT[unit] / GIB, 3),
-                        'shape': shape[1] if shape else '', 'op': (op[1].strip()[:160] if op else '')})
-    return {'fits': False, 'needs_gib': needs, 'needs_what': what, 'capacity_gib': capacity, 'largest': largest,
-            'message': text.strip().splitlines()[0][:300] if text.strip() else ''}
 
 
 def analyse(lowered, capacity_gib: float) -> dict[str, Any]:
