@@ -134,6 +134,11 @@ def test_weights_file_round_trip_and_errors(tmp_path):
     single = fid.InceptionExtractor(fid.build_model(back, meta), batch_size=3, devices=__import__('jax').devices()[:1])
     np.testing.assert_allclose(single(images), features, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(extractor(images[2:3]), features[2:3], rtol=1e-5, atol=1e-6)
+    # A call smaller than a chunk is padded to a power of two of the devices, not to the whole chunk.
+    assert [extractor.chunk_size(n) for n in (1, 5, 8, 9, 100)] == [8, 8, 8, 8, 8]  # 8 devices, chunk 8
+    assert [single.chunk_size(n) for n in (1, 2, 3, 7)] == [1, 2, 3, 3]
+    wide = fid.InceptionExtractor(fid.build_model(back, meta), batch_size=200, devices=single.mesh.devices.flat)
+    assert [wide.chunk_size(n) for n in (1, 25, 64, 65, 500)] == [1, 32, 64, 128, 200]
     with pytest.raises(ValueError, match='uint8'):
         extractor(images.astype(np.float32))
 

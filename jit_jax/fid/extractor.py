@@ -4,7 +4,9 @@ Two jitted programs: the preprocessing (cast, TF1 resize to 299, scale), compile
 and cheap to compile, and the network, compiled once for a fixed chunk of `batch_size` rows. Each chunk
 is split over a one-axis mesh of this process's devices (NamedSharding on the batch axis, weights
 replicated); the last chunk is zero-padded to the chunk size, so any number of images reuses the same
-program. Chunks are dispatched ahead and their results copied to the host two chunks behind, so the
+program. A call with fewer images than a chunk is padded only to the next power of two (times the device
+count) instead: on 2 CPU cores a 200-row chunk takes about 25 s whatever it holds, so 25 images padded to
+200 would cost 8x their own time; each such size compiles once. Chunks are dispatched ahead and their results copied to the host two chunks behind, so the
 device never waits for a host copy. In a multi-host run every process embeds its own images with its
 own devices; no collective is involved.
 """
@@ -62,13 +64,23 @@ class InceptionExtractor:
                              'Convert samples with jit_jax.sampling.to_uint8 first')
         return shape
 
+    def chunk_size(self, num_images: int) -> int:
+        """Rows per network call for `num_images`: the full chunk, or for a smaller call the next power
+        of two multiple of the device count that holds it."""
+        devices = self.mesh.devices.size
+        size = devices
+        while size < min(num_images, self.batch_size):
+            size *= 2
+        return min(size, self.batch_size)
+
     def _chunks(self, images: Any):
         n = np.shape(images)[0]
-        for start in range(0, n, self.batch_size):
-            chunk = images[start:start + self.batch_size]
+        size = self.chunk_size(n)
+        for start in range(0, n, size):
+            chunk = images[start:start + size]
             rows = chunk.shape[0]
-            if rows < self.batch_size:
-                pad = [(0, self.batch_size - rows)] + [(0, 0)] * 3
+            if rows < size:
+                pad = [(0, size - rows)] + [(0, 0)] * 3
                 chunk = np.pad(np.asarray(chunk), pad) if isinstance(chunk, np.ndarray) else \
                     jax.numpy.pad(chunk, pad)
             yield rows, jax.device_put(chunk, self._rows)
