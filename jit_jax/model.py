@@ -115,7 +115,8 @@ def _dropout(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
 def gathered(state, dtype: str):
     """A layer's weights as it computes with them, whole on every device (the FSDP all-gather; see
     jit_jax.sharding.gather_for_use). Linear kernels and biases are cast to the compute dtype first, as
-    nnx.Linear would, so the gather moves bf16 and the gradient is reduce-scattered before its cast back."""
+    nnx.Linear would, so the gather moves bf16 (and the gradient
+    sum comes back in bf16 before its cast back)."""
     if sharding.fsdp_size() == 1:
         return state
 
