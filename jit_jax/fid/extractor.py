@@ -6,8 +6,8 @@ is split over a one-axis mesh of this process's devices (NamedSharding on the ba
 replicated); the last chunk is zero-padded to the chunk size, so any number of images reuses the same
 program. A call with fewer images than a chunk is padded only to the next power of two (times the device
 count) instead: on 2 CPU cores a 200-row chunk takes about 25 s whatever it holds, so 25 images padded to
-200 would cost 8x their own time; each such size compiles once. Chunks are dispatched ahead and their results copied to the host two chunks behind, so the
-device never waits for a host copy. In a multi-host run every process embeds its own images with its
+200 would cost 8x their own time; each such size compiles once. Chunks are dispatched ahead and their
+results copied to the host two chunks behind, so the device never waits for a host copy. In a multi-host run every process embeds its own images with its
 own devices; no collective is involved.
 """
 
