@@ -110,3 +110,38 @@ def test_cached_reports_compiled_under_other_defaults_are_not_reused(tmp_path):
     assert aot_tables.Cache(str(path), cached_only=True).get(spec, '', 'v5e-4') == {'model': numerics}
     path.write_text(json.dumps({key: {'model': {**numerics, 'custom_vjp': not cfg.custom_vjp}}}))
     assert aot_tables.Cache(str(path), cached_only=True).get(spec, '', 'v5e-4') is None, 'stale: recompile'
+
+
+class _AffineCompiler:
+    """Stands in for aot_tables.Cache: the train step's peak is fixed + per_image * per-chip batch, and a
+    batch compiles (reports a peak) only under the chip's HBM. Counts the compiles the search asks for."""
+
+    def __init__(self, fixed_gib, per_image_gib, hbm_gib=95.0, chips=16, bend_at=None):
+        self.fixed, self.per_image, self.hbm, self.chips, self.bend_at = fixed_gib, per_image_gib, hbm_gib, chips, bend_at
+        self.compiled = set()
+
+    def peak(self, per_chip):
+        extra = 0.0 if self.bend_at is None or per_chip < self.bend_at else 4.0  # a jump the guess misses
+        return self.fixed + self.per_image * per_chip + extra
+
+    def get(self, spec, overrides, topology):
+        del spec, topology
+        per_chip = int(overrides.removeprefix('batch=')) // self.chips
+        self.compiled.add(per_chip)
+        peak = self.peak(per_chip)
+        memory = {'peak': peak * 2**30} if peak <= self.hbm else None
+        return {'chip': {'hbm_gib': self.hbm}, 'programs': {'train': {'memory': memory, 'needs_gib': peak}}}
+
+
+@pytest.mark.parametrize('fixed, per_image, bend_at', [(3.0, 0.19, None), (3.0, 0.19, 100), (90.0, 2.0, None),
+                                                         (96.0, 1.0, None), (1.0, 0.001, 40)])
+def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per_image, bend_at):
+    from jit_jax import aot_tables  # pylint: disable=import-outside-toplevel
+
+    fake = _AffineCompiler(fixed, per_image, bend_at=bend_at)
+    best, rep = aot_tables.max_batch(fake, 'configs/jit_b16_in256.py', 'v5p-32')
+    truth = max([b for b in range(1, 100_000) if fake.peak(b) <= fake.hbm] or [0])
+    assert best == truth
+    if truth:
+        assert rep['programs']['train']['memory']['peak'] / 2**30 == pytest.approx(fake.peak(truth))
+    assert len(fake.compiled) <= 2 * math.log2(max(abs(truth - 8), 2)) + 4, sorted(fake.compiled)
