@@ -48,10 +48,9 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from jit_jax import config_lib, sampling, sharding, train
+from jit_jax import aot_analysis, config_lib, sampling, sharding, train
 from jit_jax import model as model_lib
-from jit_jax.bench_measure import (format_table, log, matmul_peak, program_memory, step_stats, timed_runs,
-                                   xla_costs)
+from jit_jax.bench_measure import format_table, log, matmul_peak, program_memory, step_stats, timed_runs
 
 MODES = ('train', 'forward', 'sample', 'eval')
 BUSY_LOAD = 1.3  # 1-minute load above which a 2-core machine is not measuring us alone
@@ -277,7 +276,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         'images_per_s': images_per_s,
         'tokens_per_s': facts['image_forwards_per_step'] * cfg.num_patches / per_step,
         'flops_per_step': facts['flops_per_step'], 'flops_note': facts['flops_note'],
-        'xla_cost': xla_costs(compiled),
+        'xla_cost': aot_analysis.cost(compiled),
         'achieved_flops_per_s_per_device': achieved,
         'peak_matmul': peak, 'peak_matmul_after': peak_after,
         'utilisation': achieved / peak['flops_per_s'],

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jit_jax import aot_analysis
+
 
 def log(msg: str) -> None:
     print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
@@ -61,33 +63,9 @@ def matmul_peak(dtype: str, size: int, repeats: int = 5, device: jax.Device | No
             'flops_per_s': flops / float(np.median(times)), 'best_flops_per_s': flops / min(times)}
 
 
-def xla_costs(compiled: Any) -> dict:
-    """FLOPs and bytes from XLA's cost analysis (a while loop's body is counted once, whatever its trips)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # pylint: disable=broad-except
-        return {}
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    return {'flops': float(cost.get('flops', float('nan'))),
-            'bytes_accessed': float(cost.get('bytes accessed', float('nan')))}
-
-
 def program_memory(compiled: Any, device: jax.Device) -> dict:
-    """Compiled-program sizes, the backend's peak (if it keeps one) and the host's max RSS."""
-    out: dict[str, Any] = {}
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # pylint: disable=broad-except
-        analysis = None
-    if analysis is not None:
-        for name in ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
-                     'temp_size_in_bytes', 'generated_code_size_in_bytes'):
-            out[name.replace('_in_bytes', '_bytes')] = int(getattr(analysis, name, 0))
-        # Donated inputs alias outputs: counting both would double the state.
-        out['program_peak_bytes'] = (out['argument_size_bytes'] + out['output_size_bytes']
-                                     - out['alias_size_bytes'] + out['temp_size_bytes'])
+    """Compiled-program sizes (aot_analysis.memory), the backend's peak (if it keeps one) and the host's max RSS."""
+    out: dict[str, Any] = {f'{k}_bytes': v for k, v in aot_analysis.memory(compiled).items()}
     stats = None
     try:
         stats = device.memory_stats()
@@ -129,8 +107,8 @@ def format_table(r: dict) -> str:
         (f"matmul peak ({r['peak_matmul']['dtype']} {r['peak_matmul']['size']}^3)",
          g(r['peak_matmul']['flops_per_s']) + 'FLOP/s'),
         ('utilisation', f"{100 * r['utilisation']:.1f} %"),
-        ('program memory (args+out-alias+temp)', mib(mem.get('program_peak_bytes'))),
-        ('  temp', mib(mem.get('temp_size_bytes'))),
+        ('program memory (args+out-alias+temp)', mib(mem.get('peak_bytes'))),
+        ('  temp', mib(mem.get('temp_bytes'))),
         ('device peak_bytes_in_use', mib(mem.get('device_peak_bytes_in_use'))),
         ('host max RSS', mib(mem.get('host_max_rss_bytes'))),
         ('load (1 min) start / end', f"{r['load_avg_1min']['start']:.2f} / {r['load_avg_1min']['end']:.2f}"),

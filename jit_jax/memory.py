@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jit_jax import aot_analysis
 from jit_jax import model as model_lib
 from jit_jax import sharding
 
@@ -316,11 +317,7 @@ def measure_train_memory(config: Any, mesh: jax.sharding.Mesh | None = None) -> 
                          trainer.abstract_state, trainer.state_shardings)
     with jax.set_mesh(mesh):
         compiled = trainer.step_fn.lower(state, batch).compile()
-    m = compiled.memory_analysis()
-    out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes,
-           'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes}
-    out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
-    return out
+    return aot_analysis.memory(compiled)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ def test_smoke_run_writes_json(mode, tmp_path):
     peak = result['peak_matmul']['flops_per_s']
     assert math.isclose(result['utilisation'], result['achieved_flops_per_s_per_device'] / peak)
     memory = result['memory']
-    assert memory['program_peak_bytes'] > 0 and memory['host_max_rss_bytes'] > 0
+    assert memory['peak_bytes'] > 0 and memory['host_max_rss_bytes'] > 0
     assert 'device_peak_bytes_in_use' in memory  # None on CPU: the client keeps no allocator statistics
     assert set(result['load_avg_1min']) == {'start', 'end'}
     if mode == 'sample':
