@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jit_jax.experiments import curve_scores, toy
+from jit_jax.experiments import curve_scores, spiral, toy
 
 # The smoke run's required gap to x-pred at D=512. Measured with `--quick` on seeds 0 and 1, manifold
 # distance: x-pred 0.16-0.19, eps-pred 104-109 (550-700x), v-pred 0.35-0.38 (1.9-2.4x); off_manifold:
@@ -23,39 +23,39 @@ QUICK_MARGIN = 10.0
 
 @pytest.mark.parametrize('dim', [2, 8, 16, 512])
 def test_projection_is_column_orthogonal_and_round_trips(dim):
-    proj = toy.projection(dim, seed=0)
+    proj = spiral.projection(dim, seed=0)
     assert proj.shape == (dim, 2) and proj.dtype == np.float32
     np.testing.assert_allclose(proj.T @ proj, np.eye(2), atol=1e-6)
-    x2 = np.asarray(toy.sample_spiral(jax.random.key(1), 256))
-    back = np.asarray(toy.unembed(toy.embed(jnp.asarray(x2), jnp.asarray(proj)), jnp.asarray(proj)))
+    x2 = np.asarray(spiral.sample_spiral(jax.random.key(1), 256))
+    back = np.asarray(spiral.unembed(spiral.embed(jnp.asarray(x2), jnp.asarray(proj)), jnp.asarray(proj)))
     np.testing.assert_allclose(back, x2, atol=1e-5)
 
 
 def test_projection_is_fixed_by_seed_and_differs_across_seeds():
-    np.testing.assert_array_equal(toy.projection(16, seed=3), toy.projection(16, seed=3))
-    assert not np.allclose(toy.projection(16, seed=3), toy.projection(16, seed=4))
+    np.testing.assert_array_equal(spiral.projection(16, seed=3), spiral.projection(16, seed=3))
+    assert not np.allclose(spiral.projection(16, seed=3), spiral.projection(16, seed=4))
 
 
 def test_spiral_is_a_bounded_curve_with_unit_scale():
-    x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 4000))
+    x2 = np.asarray(spiral.sample_spiral(jax.random.key(0), 4000))
     radius = np.linalg.norm(x2, axis=1)
     # r grows linearly with theta from THETA_MIN to THETA_MAX and ends at SPIRAL_RADIUS.
-    assert radius.max() <= toy.SPIRAL_RADIUS + 1e-5
-    assert radius.min() >= toy.SPIRAL_RADIUS * toy.THETA_MIN / toy.THETA_MAX - 1e-5
+    assert radius.max() <= spiral.SPIRAL_RADIUS + 1e-5
+    assert radius.min() >= spiral.SPIRAL_RADIUS * spiral.THETA_MIN / spiral.THETA_MAX - 1e-5
     assert 0.6 < x2.std() < 1.5  # about the scale of N(0, 1) noise, like images in [-1, 1]
-    curve = toy.reference_curve(20000)
-    np.testing.assert_allclose(curve[0], [-toy.SPIRAL_RADIUS * toy.THETA_MIN / toy.THETA_MAX, 0.0],
+    curve = spiral.reference_curve(20000)
+    np.testing.assert_allclose(curve[0], [-spiral.SPIRAL_RADIUS * spiral.THETA_MIN / spiral.THETA_MAX, 0.0],
                                atol=1e-5)
-    np.testing.assert_allclose(curve[-1], [toy.SPIRAL_RADIUS, 0.0], atol=1e-5)
+    np.testing.assert_allclose(curve[-1], [spiral.SPIRAL_RADIUS, 0.0], atol=1e-5)
 
 
 def test_metrics_are_near_zero_for_true_samples():
     dim = 512
-    proj = toy.projection(dim, seed=0)
-    curve = toy.reference_curve(20000)
-    x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 2000))
-    other = np.asarray(toy.sample_spiral(jax.random.key(1), 2000))
-    xd = np.asarray(toy.embed(jnp.asarray(x2), jnp.asarray(proj)))
+    proj = spiral.projection(dim, seed=0)
+    curve = spiral.reference_curve(20000)
+    x2 = np.asarray(spiral.sample_spiral(jax.random.key(0), 2000))
+    other = np.asarray(spiral.sample_spiral(jax.random.key(1), 2000))
+    xd = np.asarray(spiral.embed(jnp.asarray(x2), jnp.asarray(proj)))
     assert curve_scores.off_manifold(xd, proj) < 1e-5
     assert curve_scores.manifold_distance(x2, curve) < 2e-3  # the curve's point spacing is ~6e-4
     assert curve_scores.sliced_w1(x2, x2, 512, seed=0) == 0.0
@@ -64,9 +64,9 @@ def test_metrics_are_near_zero_for_true_samples():
 
 def test_metrics_are_large_for_noise():
     dim = 512
-    proj = toy.projection(dim, seed=0)
-    curve = toy.reference_curve(20000)
-    true = np.asarray(toy.sample_spiral(jax.random.key(0), 2000))
+    proj = spiral.projection(dim, seed=0)
+    curve = spiral.reference_curve(20000)
+    true = np.asarray(spiral.sample_spiral(jax.random.key(0), 2000))
     noise = np.random.default_rng(0).standard_normal((2000, dim)).astype(np.float32)
     noise2 = noise @ proj
     assert curve_scores.manifold_distance(noise2, curve) > 0.15
@@ -78,7 +78,7 @@ def test_metrics_are_large_for_noise():
 def test_sliced_w1_of_a_shift_is_its_mean_projection():
     """W1 between a set and its translate by s is |s . u| per direction; averaged over uniform angles
     that is |s| * 2 / pi: checks the sorting, the direction sampling and the averaging at once."""
-    x2 = np.asarray(toy.sample_spiral(jax.random.key(0), 1000))
+    x2 = np.asarray(spiral.sample_spiral(jax.random.key(0), 1000))
     shift = np.array([0.3, -0.4])
     got = curve_scores.sliced_w1(x2, x2 + shift, 4096, seed=0)
     assert got == pytest.approx(0.5 * 2 / math.pi, rel=0.02)
@@ -125,7 +125,7 @@ def test_mlp_has_the_jit_call_signature_and_trains_with_the_project_loss():
     n = len(settings.preds)
     state = toy.init_state(params, tx, n)
     chunk = toy.make_train_chunk(graphdef, tx, settings, 8)
-    proj = jnp.asarray(toy.projection(8, 0))
+    proj = jnp.asarray(spiral.projection(8, 0))
     state, first = chunk(state, jax.random.key(0), proj, 30)
     before = jax.tree.map(np.asarray, (state['params'], state['ema']))
     state, _ = chunk(state, jax.random.key(1), proj, 1)  # one step: the EMA formula exactly

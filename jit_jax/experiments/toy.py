@@ -3,7 +3,7 @@
 JiT's argument (Li & He 2025, Sec. 3 and Fig. 2) is that clean data lies on a low-dimensional manifold
 while noise and velocity fill the whole space, so a network whose width is below the ambient dimension
 can still output x but cannot output eps or v. This module reproduces that claim at toy scale: a 2-D
-spiral is embedded into D dimensions by a fixed column-orthogonal P (D x 2), a 5-layer ReLU MLP with
+spiral (experiments.spiral) is embedded into D dimensions by a fixed column-orthogonal P (D x 2), a 5-layer ReLU MLP with
 256 hidden units is trained as a flow model with each prediction target (same loss space for all), and
 the ODE samples are projected back with P^T and scored against the true spiral.
 
@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import sys
 import time
@@ -50,20 +49,13 @@ import optax
 from flax import nnx
 
 from jit_jax import config_lib, diffusion, sampling, train
+from jit_jax.experiments import spiral
 from jit_jax.experiments.curve_scores import manifold_distance, off_manifold, sliced_w1
 
 PREDS = ('x', 'eps', 'v')
 SPACES = ('x', 'eps', 'v')
 T_DISTS = ('logit_normal', 'uniform')
 SOLVERS = sampling.METHODS
-
-# The spiral: 1.5 turns, theta in [THETA_MIN, THETA_MAX], radius proportional to theta and scaled so that
-# the outer end sits at SPIRAL_RADIUS. With radius 2 the 2-D data has roughly unit std per axis, like
-# images in [-1, 1], and neighbouring arms are 1.0 apart: well separated against N(0, 1) noise at t=0.
-THETA_MIN = math.pi
-THETA_MAX = 4.0 * math.pi
-SPIRAL_RADIUS = 2.0
-
 
 @dataclasses.dataclass(frozen=True)
 class ToySettings:
@@ -122,45 +114,6 @@ class ToySettings:
 # The reduced setting of --quick (tests, smoke runs): the two extreme dimensions, ~1/20 of the work.
 QUICK = dict(dims=(2, 512), steps=600, warmup_steps=50, num_samples=500,
              solver_steps=25, num_ref_points=5000, num_directions=128, chunk_steps=200)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def spiral_points(u: jax.Array) -> jax.Array:  # f32[n] in [0, 1] -> f32[n, 2]
-    """Maps u uniformly to arc length (approximately): theta grows like sqrt(u) because the arc element
-    of r ~ theta is ~theta dtheta, so uniform u gives evenly spread points instead of a dense centre."""
-    theta = jnp.sqrt(THETA_MIN**2 + u * (THETA_MAX**2 - THETA_MIN**2))
-    radius = SPIRAL_RADIUS * theta / THETA_MAX
-    return jnp.stack([radius * jnp.cos(theta), radius * jnp.sin(theta)], axis=-1)
-
-
-def sample_spiral(key: jax.Array, n: int) -> jax.Array:  # -> f32[n, 2]
-    """n i.i.d. points on the (noise-free) spiral: a 1-D manifold, so distances to it are well defined."""
-    return spiral_points(jax.random.uniform(key, (n,)))
-
-
-def reference_curve(n: int) -> np.ndarray:  # -> f32[n, 2]
-    """Dense, evenly parameterised points on the curve, the yardstick of manifold_distance."""
-    return np.asarray(spiral_points(jnp.linspace(0.0, 1.0, n)))
-
-
-def projection(dim: int, seed: int) -> np.ndarray:  # -> f32[dim, 2]
-    """Column-orthogonal embedding: QR of a Gaussian, so P^T P = I and x_D = P x_2 preserves distances.
-    Computed in float64 numpy so that the orthogonality holds to ~1e-7 in float32."""
-    gauss = np.random.default_rng([seed, dim]).standard_normal((dim, 2))
-    q, r = np.linalg.qr(gauss)
-    q = q * np.sign(np.diag(r))[None, :]  # fix the sign so P does not depend on the LAPACK build
-    return q.astype(np.float32)
-
-
-def embed(x2: jax.Array, proj: jax.Array) -> jax.Array:  # f32[n, 2], f32[D, 2] -> f32[n, D]
-    return x2 @ proj.T
-
-
-def unembed(xd: jax.Array, proj: jax.Array) -> jax.Array:  # f32[n, D], f32[D, 2] -> f32[n, 2]
-    return xd @ proj
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +189,7 @@ def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
     def step(state: dict, key: jax.Array, proj: jax.Array) -> tuple[dict, jax.Array]:
         k_x, k_t, k_e = jax.random.split(key, 3)
         b = settings.batch_size
-        x = as_images(embed(sample_spiral(k_x, b), proj))  # f32[b, 1, 1, D]
+        x = as_images(spiral.embed(spiral.sample_spiral(k_x, b), proj))  # f32[b, 1, 1, D]
         draws = diffusion.Draws(t=sample_t(k_t, b, settings), e=jax.random.normal(k_e, x.shape),
                                 drop_mask=jnp.zeros((b,), bool))
         y = jnp.zeros((b,), jnp.int32)
@@ -285,16 +238,16 @@ def run(settings: ToySettings, out_dir: pathlib.Path | None = None, log=print) -
     report = periodic_actions.ReportProgress(num_train_steps=total, on_steps=ends, every_steps=None,
                                              every_secs=None)
     start, cpu_start = time.time(), time.process_time()
-    curve = reference_curve(settings.num_ref_points)
+    curve = spiral.reference_curve(settings.num_ref_points)
     k_true, k_init, k_train, k_noise = jax.random.split(jax.random.key(settings.seed), 4)
-    true_2d = np.asarray(sample_spiral(k_true, settings.num_samples))
+    true_2d = np.asarray(spiral.sample_spiral(k_true, settings.num_samples))
     tx = make_optimizer(settings)
     cells: list[dict[str, Any]] = []
     samples_2d: dict[tuple[int, str], np.ndarray] = {}
     steps_done = 0
 
     for dim in settings.dims:
-        proj_np = projection(dim, settings.seed)
+        proj_np = spiral.projection(dim, settings.seed)
         proj = jnp.asarray(proj_np)
         # Same initial weights for every target: they differ only in what the output means.
         graphdef, params = nnx.split(MLP(dim, settings.hidden, settings.depth,
@@ -346,7 +299,7 @@ def run(settings: ToySettings, out_dir: pathlib.Path | None = None, log=print) -
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / 'results.json').write_text(json.dumps(results, indent=2, allow_nan=False) + '\n')
         plots.toy_grid(samples_2d, curve, settings.dims, settings.preds, cells, out_dir / 'toy.png',
-                       half_width=SPIRAL_RADIUS * 1.35,
+                       half_width=spiral.SPIRAL_RADIUS * 1.35,
                        caption=f'{settings.loss}-loss, {settings.steps} steps, {settings.solver} '
                                f'{settings.solver_steps} steps')
         log(f'wrote {out_dir / "results.json"} and {out_dir / "toy.png"}')
