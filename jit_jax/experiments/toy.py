@@ -3,9 +3,9 @@
 JiT's argument (Li & He 2025, Sec. 3 and Fig. 2) is that clean data lies on a low-dimensional manifold
 while noise and velocity fill the whole space, so a network whose width is below the ambient dimension
 can still output x but cannot output eps or v. This module reproduces that claim at toy scale: a 2-D
-spiral (experiments.spiral) is embedded into D dimensions by a fixed column-orthogonal P (D x 2), a 5-layer ReLU MLP with
-256 hidden units is trained as a flow model with each prediction target (same loss space for all), and
-the ODE samples are projected back with P^T and scored against the true spiral.
+spiral is embedded into D dimensions by a fixed column-orthogonal P (D x 2; experiments.spiral), a
+5-layer ReLU MLP with 256 hidden units is trained as a flow model with each prediction target (same loss
+space for all), and the ODE samples are projected back with P^T and scored against the true spiral.
 
     python -m jit_jax.experiments.toy --out /tmp/toy
 
