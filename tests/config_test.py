@@ -122,7 +122,7 @@ def test_default_config_is_small_and_synthetic():
     assert config.data.source == 'synthetic'
     assert config.model.dtype == 'float32'
     assert cfg.head_dim % 4 == 0
-    assert model_lib.param_count(cfg) < 6_000_000  # 5.1M: width 256 over 16 tokens
+    assert model_lib.param_count(cfg) < 6_000_000  # 1.3M: width 128 over 16 tokens
     assert config.train.ckpt_every_steps <= config.train.num_steps
     assert config.train.sample_every_steps <= config.train.num_steps
     assert config.optim.warmup_steps < config.train.num_steps

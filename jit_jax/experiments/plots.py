@@ -82,7 +82,7 @@ def _heat_table(ax, grid: Mapping[tuple[str, str], dict], key: str, title: str) 
                         for p in SPACES] for l in SPACES], float)
     positive = values[np.isfinite(values) & (values > 0)]
     norm = LogNorm(positive.min(), positive.max() * 1.0001) if positive.size else None
-    ax.imshow(np.ma.masked_invalid(values), cmap='RdYlGn_r', norm=norm)
+    ax.imshow(np.ma.masked_invalid(values), cmap='RdYlGn_r', norm=norm, aspect='auto')
     for i in range(len(SPACES)):
         for j in range(len(SPACES)):
             ax.text(j, i, fmt(values[i, j]), ha='center', va='center', fontsize=9)
@@ -98,52 +98,52 @@ def ablation_figure(results: dict, strips: Mapping[str, np.ndarray], path: pathl
     grid = {(c['pred'], c['loss']): c for c in cells if 'pred_loss' in c['grids']}
     sweep = [c for c in cells if 'bottleneck' in c['grids']]
     per_t = grid or {(c['pred'], c['loss']): c for c in cells if 'lowdim' in c['grids']}
-    rows = (1 if grid else 0) + 1 + len(cells)
-    fig = plt.figure(figsize=(12, 3.2 * (rows - len(cells)) + 0.75 * len(cells) + 0.6))
-    spec = fig.add_gridspec(rows, 3, height_ratios=[4] * (rows - len(cells)) + [1] * len(cells), hspace=0.4)
+    chart_rows = (1 if grid else 0) + 1
+    # Constrained layout in two subfigures: the charts' titles and tick labels never overlap, and the
+    # sample strips (one row per cell) get their own height instead of sharing a grid with the charts.
+    fig = plt.figure(figsize=(12, 3.0 * chart_rows + 0.8 * len(cells) + 0.5), layout='constrained')
     fig.suptitle(f"JiT ablation at small scale: {s['image_size']} px, patch {s['patch_size']} "
                  f"({s['patch_dim']}-d patches) into width {s['hidden_size']}, {s['steps']} steps/cell; "
                  'lower is better; dashed = real held-out images', fontsize=10)
-    row = 0
+    charts, strip_fig = fig.subfigures(2, 1, height_ratios=[3.0 * chart_rows, 0.8 * len(cells)])
+    axes = charts.subplots(chart_rows, 3, squeeze=False)
     if grid:
-        for col, (key, title) in enumerate((('mse_mean', 'held-out x-MSE (mean over t)'),
-                                            ('nn_rmse', f"sample NN RMSE (real {fmt(real['nn_rmse'])})"),
-                                            ('fd_rp', f"sample FD, RP-{s['rp_dim']} (real {fmt(real['fd_rp'])})"))):
-            _heat_table(fig.add_subplot(spec[row, col]), grid, key, title)
-        row += 1
+        for ax, (key, title) in zip(axes[0], (('mse_mean', 'held-out x-MSE (mean over t)'),
+                                              ('nn_rmse', f"sample NN RMSE (real {fmt(real['nn_rmse'])})"),
+                                              ('fd_rp', f"sample FD, RP-{s['rp_dim']} (real {fmt(real['fd_rp'])})"))):
+            _heat_table(ax, grid, key, title)
+    lines = axes[-1]
     if per_t:
-        ax = fig.add_subplot(spec[row, 0])
         t_grid = s['t_grid']
         for (pred, loss), c in sorted(per_t.items()):
-            ax.plot(t_grid, [c['mse'][f'{t:g}'] for t in t_grid], color=PRED_COLOURS[pred],
-                    marker=LOSS_MARKERS[loss], label=f'{pred}-pred/{loss}-loss')
-        ax.set(yscale='log', xlabel='t', title='held-out x-MSE vs t')
-        ax.legend(fontsize=6, ncol=2)
-    if sweep:
-        widths = sorted({c['bottleneck_dim'] for c in sweep})
-        for col, (key, title, floor) in enumerate((('mse_mean', 'bottleneck: x-MSE mean', None),
-                                                   ('nn_rmse', 'bottleneck: sample NN RMSE', real['nn_rmse'])),
-                                                  start=1):
-            ax = fig.add_subplot(spec[row, col])
-            for pred in dict.fromkeys(c['pred'] for c in sweep):
-                by_width = {c['bottleneck_dim']: c[key] for c in sweep if c['pred'] == pred}
-                ax.plot(range(len(widths)), [by_width.get(w, np.nan) for w in widths], marker='o',
-                        color=PRED_COLOURS[pred], label=f'{pred}-pred')
-            if floor is not None:
-                ax.axhline(floor, color='k', ls='--', lw=0.8)
-            ax.set(yscale='log', xticks=range(len(widths)), title=title + ' (*=full)',
-                   xticklabels=[f"{w}{'*' if w == s['patch_dim'] else ''}" for w in widths])
-            ax.legend(fontsize=7)
-    row += 1
-    for c in cells:
-        ax = fig.add_subplot(spec[row, :])
+            lines[0].plot(t_grid, [c['mse'][f'{t:g}'] for t in t_grid], color=PRED_COLOURS[pred],
+                          marker=LOSS_MARKERS[loss], label=f'{pred}-pred/{loss}-loss')
+        lines[0].set(yscale='log', xlabel='t', title='held-out x-MSE vs t')
+        lines[0].legend(fontsize=6, ncol=2)
+    else:
+        lines[0].axis('off')
+    widths = sorted({c['bottleneck_dim'] for c in sweep})
+    for ax, (key, title, floor) in zip(lines[1:], (('mse_mean', 'bottleneck: x-MSE mean', None),
+                                                   ('nn_rmse', 'bottleneck: sample NN RMSE', real['nn_rmse']))):
+        if not sweep:
+            ax.axis('off')
+            continue
+        for pred in dict.fromkeys(c['pred'] for c in sweep):
+            by_width = {c['bottleneck_dim']: c[key] for c in sweep if c['pred'] == pred}
+            ax.plot(range(len(widths)), [by_width.get(w, np.nan) for w in widths], marker='o',
+                    color=PRED_COLOURS[pred], label=f'{pred}-pred')
+        if floor is not None:
+            ax.axhline(floor, color='k', ls='--', lw=0.8)
+        ax.set(yscale='log', xticks=range(len(widths)), xlabel='bottleneck width', title=title + ' (*=full)',
+               xticklabels=[f"{w}{'*' if w == s['patch_dim'] else ''}" for w in widths])
+        ax.legend(fontsize=7)
+    for ax, c in zip(strip_fig.subplots(len(cells), 1, squeeze=False)[:, 0], cells):
         strip = strips.get(c['name'])
         if strip is not None and len(strip):
             ax.imshow(np.concatenate(list(strip), axis=1), interpolation='nearest')
         ax.set(xticks=[], yticks=[])
         ax.set_ylabel(f"{c['name']}\nMSE {fmt(c['mse_mean'])} NN {fmt(c['nn_rmse'])} FD {fmt(c['fd_rp'])}",
                       rotation=0, ha='right', va='center', fontsize=7, color=PRED_COLOURS.get(c['pred'], 'k'))
-        row += 1
     return _save(fig, path)
 
 
