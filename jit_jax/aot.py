@@ -1,6 +1,7 @@
 """Compile a run's programs for a TPU slice ahead of time, without a TPU: memory, FLOPs, collectives, speed.
 
     python -m jit_jax.aot --config configs/jit_h16_in256.py --topology v5p-128 [--num-slices N] [--out F.json]
+                          [--buffers N]
 
 XLA's TPU compiler ships in libtpu (`pip install -e '.[tpu]'`) and runs on any host: the slice's devices
 come from `jax.experimental.topologies.get_topology_desc`, the run's mesh is laid over them, and the exact
@@ -31,8 +32,10 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -55,7 +58,7 @@ from jit_jax import config_lib, sampling, sharding  # pylint: disable=wrong-impo
 from jit_jax import memory as memory_lib  # pylint: disable=wrong-import-position
 from jit_jax import model as model_lib  # pylint: disable=wrong-import-position
 from jit_jax.aot_analysis import (  # pylint: disable=wrong-import-position
-    GIB, collectives, cost, entry_parameters, memory, out_of_memory)
+    GIB, collectives, cost, entry_parameters, largest_allocations, memory, out_of_memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,18 +226,23 @@ def lower_sampler(trainer, batch: int) -> Any:
                         jax.ShapeDtypeStruct(shape[:1], jnp.int32))
 
 
-def analyse(lowered, capacity_gib: float) -> dict[str, Any]:
-    """Compile one lowered program; its memory, cost and collectives, or the out-of-memory report."""
+def analyse(lowered, capacity_gib: float, buffers: int = 0) -> dict[str, Any]:
+    """Compile one lowered program; its memory, cost and collectives, or the out-of-memory report. With
+    `buffers`, also its largest HBM allocations (XLA's memory-usage report, dumped to a temporary dir)."""
     start = time.process_time()
-    try:
-        compiled = lowered.compile()
-    except Exception as error:  # pylint: disable=broad-except  (jax raises JaxRuntimeError; inspect its text)
-        if 'RESOURCE_EXHAUSTED' not in str(error):
-            raise
-        return {**out_of_memory(error, capacity_gib), 'compile_cpu_s': round(time.process_time() - start, 1)}
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            compiled = lowered.compile(compiler_options={'xla_dump_to': dump} if buffers else None)
+        except Exception as error:  # pylint: disable=broad-except  (jax raises JaxRuntimeError; inspect its text)
+            if 'RESOURCE_EXHAUSTED' not in str(error):
+                raise
+            return {**out_of_memory(error, capacity_gib), 'compile_cpu_s': round(time.process_time() - start, 1)}
+        reports = sorted(pathlib.Path(dump).glob('*after_optimizations-memory-usage-report.txt'))
+        largest = largest_allocations(reports[-1].read_text(), buffers) if reports else []
     mem, text = memory(compiled), compiled.as_text()  # compiled = the compiler's HBM check passed
     return {'fits': True, 'memory': mem, 'cost': cost(compiled), 'collectives': collectives(text),
-            'input_element_bytes': sum(p['bytes'] for p in entry_parameters(text)), 'compile_cpu_s': round(time.process_time() - start, 1)}
+            'input_element_bytes': sum(p['bytes'] for p in entry_parameters(text)),
+            'compile_cpu_s': round(time.process_time() - start, 1), **({'largest': largest} if buffers else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,7 +278,7 @@ def sampler_batch(config, data_parallel: int, requested: int | None) -> int:
 
 
 def report(config, topology: Topology, *, programs=('train', 'sampler'), sample_batch: int | None = None,
-           progress=None) -> dict[str, Any]:
+           progress=None, buffers: int = 0) -> dict[str, Any]:
     """Compile the run's programs for the topology; everything the command prints, as a dict."""
     say = progress or (lambda message: None)
     chip, devices = topology.chip, topology.chips_per_slice * topology.num_slices
@@ -286,7 +294,7 @@ def report(config, topology: Topology, *, programs=('train', 'sampler'), sample_
            'programs': {}}
     if 'train' in programs:
         say(f'compiling the train step for {topology.name} (batch {batch}) ...')
-        result = analyse(lower_train_step(trainer), chip.hbm_gib)
+        result = analyse(lower_train_step(trainer), chip.hbm_gib, buffers)
         result['flops_analytic_per_chip'] = train_flops_analytic(cfg, batch) / devices
         result['sharded_state_bytes'] = _sharded_bytes(trainer.abstract_state, trainer.state_shardings)
         result['speed'] = speed(result, chip, devices, batch, train_flops_analytic(cfg, batch))
@@ -301,7 +309,7 @@ def report(config, topology: Topology, *, programs=('train', 'sampler'), sample_
     if 'sampler' in programs:
         n = sampler_batch(config, sharding.data_parallel_size(trainer.mesh), sample_batch)
         say(f'compiling the sampler ({trainer.sampler.method}, {trainer.sampler.num_steps} steps, batch {n}) ...')
-        result = analyse(lower_sampler(trainer, n), chip.hbm_gib)
+        result = analyse(lower_sampler(trainer, n), chip.hbm_gib, buffers)
         result['batch'] = n
         out['programs']['sampler'] = result
     return out
@@ -346,6 +354,9 @@ def format_report(rep: dict[str, Any]) -> str:
                          f"{_gib(r['input_element_bytes'])} of elements (arguments above include tile padding)")
         kinds = ', '.join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:.1f} MiB)" for k, v in r['collectives'].items())
         lines.append(f"    collectives: {kinds or 'none'}")
+        if r.get('largest'):
+            lines.append('    largest HBM allocations (values sharing one over time; offset in the heap):')
+            lines += [f"      {b['bytes'] / 2 ** 20:9.2f} MiB at {_gib(b['offset_bytes'])}  {b['shapes']}" for b in r['largest']]
         if r.get('speed'):
             s = r['speed']
             lines.append(f"    implied (XLA cost model): {s['step_ms']:.1f} ms/step, "
@@ -361,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--programs', default='train,sampler', help='comma list of: train, sampler')
     parser.add_argument('--sample-batch', type=int, default=None, help='sampler batch (default: the grid size)')
     parser.add_argument('--out', default=None, help='write the report as JSON here')
+    parser.add_argument('--buffers', type=int, default=0,
+                        help="list each program's N largest HBM allocations (XLA's memory-usage report)")
     args, overrides = parser.parse_known_args(argv)
     config = config_lib.read(args.config)
     for flag in overrides:  # --config.x=y field flags, as jit_jax.main takes them
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if not set(programs) <= {'train', 'sampler'} or not programs:
         parser.error(f'--programs {args.programs!r}: expected a comma list of train, sampler')
     topology = parse_topology(args.topology, args.num_slices)
-    rep = report(config, topology, programs=programs, sample_batch=args.sample_batch,
+    rep = report(config, topology, programs=programs, sample_batch=args.sample_batch, buffers=args.buffers,
                  progress=lambda m: print(m, file=sys.stderr, flush=True))
     rep['config'] = args.config
     print(format_report(rep))

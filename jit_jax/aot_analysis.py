@@ -4,8 +4,10 @@ jit_jax.aot compiles a run's programs for a slice it does not have; these functi
 `memory()` and `cost()` normalise `memory_analysis()` / `cost_analysis()` (the latter differs between
 XLA:TPU and a deviceless XLA:GPU compile); `collectives()` and `entry_parameters()` parse the optimised
 HLO text, where XLA:TPU's async pairs, fused reduce-scatters and collective matmuls each need their own
-reading; `out_of_memory()` turns the compiler's RESOURCE_EXHAUSTED message into numbers. Plain text
-and numbers in, dicts out: nothing here imports JAX.
+reading; `out_of_memory()` turns the compiler's RESOURCE_EXHAUSTED message into numbers, and
+`largest_allocations()` reads the HBM allocations of XLA's memory-usage report (the dump a compile with
+`compiler_options={'xla_dump_to': DIR}` writes), for a program that fits. Plain text and numbers in, dicts
+out: nothing here imports JAX.
 """
 
 from __future__ import annotations
@@ -134,3 +136,26 @@ def out_of_memory(error: Exception, capacity_gib: float) -> dict[str, Any]:
                         'shape': shape[1] if shape else '', 'op': (op[1].strip()[:160] if op else '')})
     return {'fits': False, 'needs_gib': needs, 'needs_what': what, 'capacity_gib': capacity, 'largest': largest,
             'message': text.strip().splitlines()[0][:300] if text.strip() else ''}
+
+
+# One allocation of XLA's memory-usage report: "cumulative; size; offset; used_by_n_values; shapes".
+_ALLOCATION = re.compile(r'^\s*[\d.]+\s*[KMG]?i?B\(\s*\d+%\);\s*([\d.]+)\s*([KMG]?)i?B;\s*(\d+);\s*(\d+);\s*(.*)$')
+
+
+def largest_allocations(report_text: str, top: int = 10) -> list[dict[str, Any]]:
+    """The `top` biggest allocations of the default (HBM) memory space, largest first.
+
+    Each is {'bytes', 'offset_bytes', 'values', 'shapes'}: the values listed share the allocation at different
+    times, so an allocation's shapes say what occupies that stretch of HBM over the program; the offset is
+    its place inside the one block XLA packs a large program's temporaries into (0 for a separate
+    allocation), so allocations near the block's end are those alive at the peak. This is how a program that
+    fits shows where its memory goes, e.g. tile-padded image tensors the memory model does not count.
+    """
+    found = []
+    for line in report_text.split('Memory Space:')[1].splitlines() if 'Memory Space:' in report_text else ():
+        match = _ALLOCATION.match(line)
+        if match:
+            size, unit, offset, values, shapes = match.groups()
+            found.append({'bytes': round(float(size) * _UNIT.get(unit, 1)), 'offset_bytes': int(offset),
+                          'values': int(values), 'shapes': shapes.strip()[:200]})
+    return sorted(found, key=lambda a: -a['bytes'])[:top]

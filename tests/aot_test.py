@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jit_jax import aot, config_lib, sharding
+from jit_jax import aot, aot_analysis, config_lib, sharding
 
 TINY = ('hidden=256,depth=2,heads=4,model.mlp_ratio=1.5,bottleneck=32,ctx_len=4,ctx_start=1,img_size=32,patch=4,'
         'sampling_steps=3')
@@ -60,6 +60,34 @@ def test_train_step_compiles_for_tpu_with_the_run_sharding(extra, topology, monk
             trainer.abstract_state['params'], trainer.state_shardings['params']) / 2, 'gradients are summed (bf16)'
     analytic = aot.train_flops_analytic(trainer.model_config, config.data.global_batch_size) / chips
     assert 0.7 < result['cost']['flops'] / analytic < 1.5, 'XLA counts about 3 forward passes of matmuls'
+
+
+def test_buffers_lists_the_largest_allocations_of_a_program_that_fits():
+    config = _config('')
+    topo = aot.parse_topology('v5e-4')
+    lowered = aot.lower_train_step(aot.make_trainer(config, topo))
+    result = aot.analyse(lowered, topo.chip.hbm_gib, buffers=10_000)  # every allocation
+    largest = result['largest']
+    assert result['fits'] and 10 < len(largest) < 10_000
+    assert aot.analyse(lowered, topo.chip.hbm_gib, buffers=4)['largest'] == largest[:4]
+    sizes = [b['bytes'] for b in largest]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] > 0
+    assert sizes[0] <= result['memory']['peak'] and all('[' in b['shapes'] and b['values'] >= 1 for b in largest)
+    assert sum(sizes) >= result['memory']['temp'], 'the report covers at least the temporaries'
+    assert 'largest' not in aot.analyse(lowered, topo.chip.hbm_gib)
+
+
+def test_memory_usage_report_parsing_keeps_the_default_memory_space():
+    text = ('Memory Space: default (color=0)\nTotal bytes: 2097152 (2.00MiB)\n'
+            '  cumulative_size;       size;       offset; used_by_n_values; shapes_list\n  ------\n'
+            '  512.0KiB( 25%);  512.0KiB;      1048576;                2; bf16[4,8], f32[2]\n'
+            '    2.00MiB(100%);    1.50MiB;         4096;                1; f32[8,16,192]\n'
+            'Memory Space: vmem (color=1)\n    9.00MiB(100%);    9.00MiB;   0;   1; f32[1]\n')
+    assert aot_analysis.largest_allocations(text, top=5) == [
+        {'bytes': 3 * 2 ** 19, 'offset_bytes': 4096, 'values': 1, 'shapes': 'f32[8,16,192]'},
+        {'bytes': 2 ** 19, 'offset_bytes': 1048576, 'values': 2, 'shapes': 'bf16[4,8], f32[2]'}]
+    assert aot_analysis.largest_allocations(text, top=1)[0]['bytes'] == 3 * 2 ** 19
+    assert aot_analysis.largest_allocations('no report') == []
 
 
 def test_out_of_memory_is_a_report_not_a_traceback():
