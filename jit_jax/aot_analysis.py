@@ -74,14 +74,15 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-_PARAM = re.compile(r'^\s*%\S+ = ([a-z0-9]+)\[([\d,]*)\]\S* parameter\((\d+)\)')
+_PARAM = re.compile(r'^\s*%\S+ = (\(.*\)|[a-z0-9]+\[[\d,]*\])\S* parameter\((\d+)\)')
 
 
 def entry_parameters(hlo_text: str) -> list[dict[str, Any]]:
     """The program's per-device inputs in order: dtype, per-device shape and bytes of their elements.
 
     memory_analysis()'s argument size can exceed the sum of `bytes`: XLA:TPU tiles minor dimensions
-    (layouts like T(8,128)) and pads each buffer to whole tiles.
+    (layouts like T(8,128)) and pads each buffer to whole tiles. A program with thousands of inputs (H/32's
+    train state) takes them as one tuple parameter; its elements are listed in order.
     """
     entry, params = False, {}
     for line in hlo_text.splitlines():
@@ -90,9 +91,11 @@ def entry_parameters(hlo_text: str) -> list[dict[str, Any]]:
         elif entry and line.startswith('}'):
             break
         elif entry and (found := _PARAM.match(line)):
-            shape = tuple(int(d) for d in found[2].split(',') if d)
-            params[int(found[3])] = {'dtype': found[1], 'shape': shape,
-                                     'bytes': math.prod(shape) * _BITS[found[1]] // 8}
+            leaves = _SHAPE.findall(found[1]) if found[1].startswith('(') else [found[1][:-1].split('[')]
+            for k, (dtype, dims) in enumerate(leaves):
+                shape = tuple(int(d) for d in dims.split(',') if d)
+                params[(int(found[2]), k)] = {'dtype': dtype, 'shape': shape,
+                                              'bytes': math.prod(shape) * _BITS[dtype] // 8}
     return [params[i] for i in sorted(params)]
 
 

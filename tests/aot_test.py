@@ -77,6 +77,17 @@ def test_buffers_lists_the_largest_allocations_of_a_program_that_fits():
     assert 'largest' not in aot.analyse(lowered, topo.chip.hbm_gib)
 
 
+def test_entry_parameters_reads_plain_and_tuple_parameters():
+    hlo = ('HloModule m\n\n%f (a: f32[2]) -> f32[2] {\n  %a = f32[2]{0} parameter(0)\n}\n\n'
+           'ENTRY %main (p0: (f32[20,7680], bf16[], s32[]), p1: f32[16,512,512,3]) -> f32[] {\n'
+           '  %p0 = (f32[20,7680]{1,0:T(8,128)}, /*index=1*/bf16[]{:T(256)}, s32[]) parameter(0), sharding={replicated}\n'
+           '  %p1 = f32[16,512,512,3]{2,1,3,0:T(8,128)} parameter(1)\n  ROOT %r = f32[] constant(0)\n}\n')
+    params = aot_analysis.entry_parameters(hlo)
+    assert [(p['dtype'], p['shape']) for p in params] == [
+        ('f32', (20, 7680)), ('bf16', ()), ('s32', ()), ('f32', (16, 512, 512, 3))]
+    assert sum(p['bytes'] for p in params) == 20 * 7680 * 4 + 2 + 4 + 16 * 512 * 512 * 3 * 4
+
+
 def test_memory_usage_report_parsing_keeps_the_default_memory_space():
     text = ('Memory Space: default (color=0)\nTotal bytes: 2097152 (2.00MiB)\n'
             '  cumulative_size;       size;       offset; used_by_n_values; shapes_list\n  ------\n'
