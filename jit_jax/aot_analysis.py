@@ -151,7 +151,7 @@ def largest_allocations(report_text: str, top: int = 10) -> list[dict[str, Any]]
     Each is {'bytes', 'offset_bytes', 'values', 'shapes'}: the values listed share the allocation at different
     times, so an allocation's shapes say what occupies that stretch of HBM over the program; the offset is
     its place inside the one block XLA packs a large program's temporaries into (0 for a separate
-    allocation), so allocations near the block's end are those alive at the peak. This is how a program that
+    allocation), and the block's end is its peak: allocations placed there are the first suspects for it. This is how a program that
     fits shows where its memory goes, e.g. tile-padded image tensors the memory model does not count.
     """
     found = []
