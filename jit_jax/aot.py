@@ -28,6 +28,7 @@ Cloud TPU names them: 'v5p-128' (cores for v4 / v5p, chips for v5e / v6e) or '<g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -230,14 +231,14 @@ def analyse(lowered, capacity_gib: float, buffers: int = 0) -> dict[str, Any]:
     """Compile one lowered program; its memory, cost and collectives, or the out-of-memory report. With
     `buffers`, also its largest HBM allocations (XLA's memory-usage report, dumped to a temporary dir)."""
     start = time.process_time()
-    with tempfile.TemporaryDirectory() as dump:
+    with tempfile.TemporaryDirectory() if buffers else contextlib.nullcontext() as dump:
         try:
             compiled = lowered.compile(compiler_options={'xla_dump_to': dump} if buffers else None)
         except Exception as error:  # pylint: disable=broad-except  (jax raises JaxRuntimeError; inspect its text)
             if 'RESOURCE_EXHAUSTED' not in str(error):
                 raise
             return {**out_of_memory(error, capacity_gib), 'compile_cpu_s': round(time.process_time() - start, 1)}
-        reports = sorted(pathlib.Path(dump).glob('*after_optimizations-memory-usage-report.txt'))
+        reports = sorted(pathlib.Path(dump).glob('*after_optimizations-memory-usage-report.txt')) if buffers else []
         largest = largest_allocations(reports[-1].read_text(), buffers) if reports else []
     mem, text = memory(compiled), compiled.as_text()  # compiled = the compiler's HBM check passed
     return {'fits': True, 'memory': mem, 'cost': cost(compiled), 'collectives': collectives(text),
