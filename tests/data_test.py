@@ -4,6 +4,8 @@ Prepared (ArrayRecord) and TFDS data are tested in tests/prepare_test.py."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +28,21 @@ def test_synthetic_is_deterministic_per_index():
     assert not np.array_equal(a[0]['image'], a[10]['image'])  # same class, different latents
     other_seed = synthetic.SyntheticShapes(num_examples=100, seed=1)
     assert not np.array_equal(a[0]['image'], other_seed[0]['image'])
+
+
+def test_synthetic_cache_returns_the_rendered_image_and_stays_out_of_pickles():
+    src = synthetic.SyntheticShapes(num_examples=20)
+    first = src[7]['image']
+    first[:] = 0  # a caller writing into its image must not reach the cache
+    again = src[7]['image']
+    np.testing.assert_array_equal(again, synthetic.render(7, np.random.default_rng([0, 7]), 32))
+    assert src._rendered.sum() == 1
+    copy = pickle.loads(pickle.dumps(src))  # what a Grain worker process receives
+    assert copy._rendered.sum() == 0 and len(pickle.dumps(src)) < 10_000
+    np.testing.assert_array_equal(copy[7]['image'], again)
+    huge = synthetic.SyntheticShapes(num_examples=synthetic.CACHE_BYTES // (32 * 32 * 3) + 1)
+    assert huge._cache is None
+    np.testing.assert_array_equal(huge[7]['image'], again)
 
 
 def test_synthetic_labels_are_balanced_and_images_well_formed():
