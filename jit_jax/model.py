@@ -86,9 +86,15 @@ def timestep_features(t: jax.Array, dim: int = TIME_FEATURES, max_period: float 
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
-    """f[b, h, w, c] -> f[b, (h/p)*(w/p), p*p*c], tokens row-major, features ordered (p_row, p_col, c)."""
+    """f[b, h, w, c] -> f[b, (h/p)*(w/p), p*p*c], tokens row-major, features ordered (p_row, p_col, c).
+
+    A patch row's (p_col, c) pixels are contiguous in the image and in the patch alike, so they move as one
+    axis of p*c. XLA:TPU pads the minor dimensions of the transposed intermediate to whole tiles, which
+    (p, c) = (32, 3) filled far worse: at 512 px the train step's image-path temporaries shrank by a
+    third (docs/tpu.md).
+    """
     b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h // p, p, w // p, p * c).transpose(0, 1, 3, 2, 4)
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
@@ -96,7 +102,7 @@ def unpatchify(x: jax.Array, p: int, channels: int) -> jax.Array:
     """Inverse of `patchify` for a square grid: f[b, n, p*p*c] -> f[b, h, w, c]."""
     b, n, _ = x.shape
     g = math.isqrt(n)
-    x = x.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, g, g, p, p * channels).transpose(0, 1, 3, 2, 4)
     return x.reshape(b, g * p, g * p, channels)
 
 
