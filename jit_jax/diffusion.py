@@ -130,7 +130,7 @@ class FlowSpec:
 
 
 def _expand_t(t: jax.Array, like: jax.Array) -> jax.Array:
-    """Reshape t (scalar or f32[b]) so it broadcasts against an image batch f32[b, h, w, c]."""
+    """Reshape t (scalar or f32[b]) so it broadcasts against a batch: images f32[b, h, w, c] or patches."""
     t = jnp.asarray(t, jnp.float32)
     return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
@@ -140,8 +140,8 @@ def interpolate(x: jax.Array, e: jax.Array, t: jax.Array) -> jax.Array:
 
     Written with the same operation order as the official code so that float32 results match it.
     """
-    t = _expand_t(t, x)  # f32[b, 1, 1, 1]
-    return t * x + (1.0 - t) * e  # f32[b, h, w, c]
+    t = _expand_t(t, x)  # f32[b, 1, ...]
+    return t * x + (1.0 - t) * e  # shaped like x
 
 
 # (pred, space) -> the value in `space` of a network output `out` in `pred` space (paper Table 1).
@@ -257,7 +257,8 @@ def loss_terms(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array,
 
     Args:
         model: callable ``model(z, t, y[, dropout_key=])`` -> f32[b, h, w, c] in ``spec.pred`` space,
-            with ``model.num_classes`` = the null label id.
+            with ``model.num_classes`` = the null label id; one with a patch-token entry (JiT) is called
+            on patches instead (`_pixel_layout`), with the same results up to summation order.
         x: f32[b, h, w, c] clean images in [-1, 1].
         y: i32[b] labels.
         draws: the step's `Draws` (t f32[b], e f32[b, h, w, c] already times noise_scale, drop_mask
@@ -273,14 +274,30 @@ def loss_terms(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array,
     t = jnp.asarray(t, jnp.float32).reshape(x.shape[0])  # f32[b]
     null = jnp.asarray(model.num_classes, jnp.int32)
     labels = jnp.where(jnp.asarray(drop_mask, bool), null, jnp.asarray(y, jnp.int32))  # i32[b]
+    to_net, net, from_net = _pixel_layout(model)
+    x, e = to_net(x), to_net(e)
     z = interpolate(x, e, t)
-    net_out = model(z, t, labels) if dropout_key is None else model(z, t, labels, dropout_key=dropout_key)
+    net_out = net(z, t, labels) if dropout_key is None else net(z, t, labels, dropout_key=dropout_key)
     net_out = jnp.asarray(net_out, jnp.float32)  # loss math in f32 even for a bf16 network
     prediction = convert_output(net_out, z, t, pred=spec.pred, space=spec.loss, t_eps=spec.t_eps)
     goal = target(x, e, z, t, space=spec.loss, pred=spec.pred, t_eps=spec.t_eps)
     loss_per_sample = jnp.mean(jnp.square(goal - prediction), axis=tuple(range(1, x.ndim)))  # f32[b]
-    return LossTerms(z=z, labels=labels, net_out=net_out, prediction=prediction, target=goal,
-                     loss_per_sample=loss_per_sample, loss=jnp.mean(loss_per_sample))
+    return LossTerms(z=from_net(z), labels=labels, net_out=from_net(net_out), prediction=from_net(prediction),
+                     target=from_net(goal), loss_per_sample=loss_per_sample, loss=jnp.mean(loss_per_sample))
+
+
+def _pixel_layout(model: Any) -> tuple[Callable, Callable, Callable]:
+    """(images -> the model's pixel layout, the model on that layout, back to images).
+
+    A model with a patch-token entry (JiT.denoise_patches) is trained on its patches: the objective is
+    elementwise with a mean over all pixels, so their order only changes the summation order, and the step
+    then holds no image-shaped tensor but the batch and the noise (on TPU those cost 4-8 times their bytes
+    in padding; docs/tpu.md). LossTerms are images either way: a program that reads only the loss drops
+    the conversions back.
+    """
+    if hasattr(model, 'denoise_patches'):
+        return model.to_patches, model.denoise_patches, model.from_patches
+    return (lambda a: a), model, (lambda a: a)
 
 
 def loss(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array, spec: FlowSpec,

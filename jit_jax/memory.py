@@ -189,10 +189,16 @@ def block_backward_transient(cfg: model_lib.JiTConfig, tokens: int, platform: st
 
 
 def outside_blocks(cfg: model_lib.JiTConfig) -> int:
-    """Per image: the loss's image-sized arrays, the patch embedding and the final layer."""
+    """Per image: the loss's image-sized arrays, the patch embedding and the final layer.
+
+    The objective runs on patches (diffusion.loss_terms), and what its backward reads is alive at the peak:
+    the batch, its patches and z_t, all float32. The noise is drawn inside z_t's fusion and the prediction
+    and target are recomputed from x, z_t and the network output (XLA:TPU's live ranges at the peak of
+    B/64's step, docs/tpu.md).
+    """
     n, d, s, f32 = cfg.num_patches, cfg.hidden_size, _BYTES[cfg.dtype], 4
     pixels = cfg.input_size ** 2 * cfg.in_channels
-    loss = 5 * pixels * f32  # x, e, z, network output, and the prediction / target difference
+    loss = 3 * pixels * f32
     embed = n * (cfg.patch_dim + cfg.bottleneck_dim) * s + n * d * f32
     final = n * d * f32 + 2 * n * d * s + n * cfg.patch_dim * s
     return loss + embed + final

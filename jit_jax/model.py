@@ -86,9 +86,15 @@ def timestep_features(t: jax.Array, dim: int = TIME_FEATURES, max_period: float 
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
-    """f[b, h, w, c] -> f[b, (h/p)*(w/p), p*p*c], tokens row-major, features ordered (p_row, p_col, c)."""
+    """f[b, h, w, c] -> f[b, (h/p)*(w/p), p*p*c], tokens row-major, features ordered (p_row, p_col, c).
+
+    A patch row's (p_col, c) pixels are contiguous in the image and in the patch alike, so they move as one
+    axis of p*c. XLA:TPU pads the minor dimensions of the transposed intermediate to whole tiles, which
+    (p, c) = (32, 3) filled far worse: at 512 px the train step's image-path temporaries shrank by a
+    third (docs/tpu.md).
+    """
     b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h // p, p, w // p, p * c).transpose(0, 1, 3, 2, 4)
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
@@ -96,7 +102,7 @@ def unpatchify(x: jax.Array, p: int, channels: int) -> jax.Array:
     """Inverse of `patchify` for a square grid: f[b, n, p*p*c] -> f[b, h, w, c]."""
     b, n, _ = x.shape
     g = math.isqrt(n)
-    x = x.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, g, g, p, p * channels).transpose(0, 1, 3, 2, 4)
     return x.reshape(b, g * p, g * p, channels)
 
 
@@ -255,12 +261,11 @@ class PatchEmbed(nnx.Module):
     """Patch -> bottleneck (no bias) -> width. The official p x p / 1 x 1 convolutions as two matmuls."""
 
     def __init__(self, cfg: JiTConfig, rngs: nnx.Rngs):
-        self.patch_size = cfg.patch_size
         self.proj1 = _linear(cfg.patch_dim, cfg.bottleneck_dim, cfg, rngs, use_bias=False)
         self.proj2 = _linear(cfg.bottleneck_dim, cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x):  # f[b, h, w, c] -> f[b, n, d]
-        return self.proj2(self.proj1(patchify(x, self.patch_size)))
+    def __call__(self, x):  # f[b, n, p*p*c] (patchified pixels) -> f[b, n, d]
+        return self.proj2(self.proj1(x))
 
 
 class JiT(nnx.Module):
@@ -299,6 +304,33 @@ class JiT(nnx.Module):
         if x.ndim != 4 or x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
             raise ValueError(f'JiT input has shape {x.shape}; expected NHWC [batch, {cfg.input_size}, '
                              f'{cfg.input_size}, {cfg.in_channels}] (JiTConfig.input_size / in_channels)')
+        out = self.denoise_patches(self.to_patches(x), t, y, dropout_key=dropout_key,
+                                   return_activations=return_activations)
+        if not return_activations:
+            return self.from_patches(out)
+        return self.from_patches(out[0]), out[1]
+
+    def to_patches(self, x: jax.Array) -> jax.Array:
+        """f[b, h, w, c] -> f[b, n, p*p*c]: images in the layout `denoise_patches` takes and returns."""
+        return patchify(x, self.cfg.patch_size)
+
+    def from_patches(self, x: jax.Array) -> jax.Array:
+        """f[b, n, p*p*c] -> f[b, h, w, c], the inverse of `to_patches`."""
+        return unpatchify(x, self.cfg.patch_size, self.cfg.in_channels)
+
+    def denoise_patches(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None,
+                        return_activations: bool = False):
+        """`__call__` on patchified pixels, f[b, n, p*p*c] -> f32[b, n, p*p*c] (see `to_patches`).
+
+        The training objective runs here (jit_jax.diffusion.loss_terms): its squared error is a mean over
+        pixels, indifferent to their order, and image-shaped tensors are expensive on TPU, where XLA lays
+        an image out with its height in the 128-wide lanes, so every patch reshape leaves lanes empty
+        (docs/tpu.md).
+        """
+        cfg = self.cfg
+        if x.ndim != 3 or x.shape[1:] != (cfg.num_patches, cfg.patch_dim):
+            raise ValueError(f'JiT patch input has shape {x.shape}; expected [batch, {cfg.num_patches}, '
+                             f'{cfg.patch_dim}] (JiT.to_patches of an image)')
         acts = {} if return_activations else None
         t_emb = _gathered_module(self.t_embedder, cfg.dtype)(jnp.asarray(t, jnp.float32).reshape(x.shape[0]))
         y_emb = _gathered_module(self.y_embedder, cfg.dtype)(jnp.asarray(y, jnp.int32).reshape(x.shape[0]))
@@ -315,7 +347,7 @@ class JiT(nnx.Module):
             tokens = self._run_blocks(tokens, c, start, cfg.depth, keys, num_prefix=cfg.in_context_len, acts=acts)
             tokens = tokens[:, cfg.in_context_len:]
         final = _gathered_module(self.final_layer, cfg.dtype)(tokens, c)
-        out = unpatchify(final, cfg.patch_size, cfg.in_channels).astype(jnp.float32)
+        out = final.astype(jnp.float32)
         if acts is None:
             return out
         acts.update(t_emb=t_emb, y_emb=y_emb, patch_embed=patches, final_tokens=final)
