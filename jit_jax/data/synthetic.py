@@ -32,7 +32,7 @@ NUM_SHAPES = 10
 CLASS_NAMES = ('disc', 'ring', 'square', 'triangle', 'plus',
                'star', 'crescent', 'stripes', 'two_dots', 'checker')
 INTRINSIC_DIMENSION = 4 + 3 + 7 + 4
-# Rendering one 32 px image costs 0.25-0.5 ms of numpy, a third of a default train step's CPU time at
+# Rendering one 32 px image costs 0.25-0.5 ms of numpy, a tenth to a quarter of a default train step's CPU time at
 # batch 64 on 2 cores, and a run visits every example several times; so a source keeps what it rendered
 # when all of it fits in this many bytes (150 MB for the default 50,000 images at 32 px).
 CACHE_BYTES = 1 << 30
