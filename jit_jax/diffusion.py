@@ -258,7 +258,7 @@ def loss_terms(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array,
     Args:
         model: callable ``model(z, t, y[, dropout_key=])`` -> f32[b, h, w, c] in ``spec.pred`` space,
             with ``model.num_classes`` = the null label id; one with a patch-token entry (JiT) is called
-            on patches instead (`_pixel_layout`), with the same results up to summation order.
+            on patches instead (`pixel_layout`), with the same results up to summation order.
         x: f32[b, h, w, c] clean images in [-1, 1].
         y: i32[b] labels.
         draws: the step's `Draws` (t f32[b], e f32[b, h, w, c] already times noise_scale, drop_mask
@@ -274,7 +274,7 @@ def loss_terms(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array,
     t = jnp.asarray(t, jnp.float32).reshape(x.shape[0])  # f32[b]
     null = jnp.asarray(model.num_classes, jnp.int32)
     labels = jnp.where(jnp.asarray(drop_mask, bool), null, jnp.asarray(y, jnp.int32))  # i32[b]
-    to_net, net, from_net = _pixel_layout(model)
+    to_net, net, from_net = pixel_layout(model)
     x, e = to_net(x), to_net(e)
     z = interpolate(x, e, t)
     net_out = net(z, t, labels) if dropout_key is None else net(z, t, labels, dropout_key=dropout_key)
@@ -286,14 +286,14 @@ def loss_terms(model: Any, x: jax.Array, y: jax.Array, draws: Draws | jax.Array,
                      target=from_net(goal), loss_per_sample=loss_per_sample, loss=jnp.mean(loss_per_sample))
 
 
-def _pixel_layout(model: Any) -> tuple[Callable, Callable, Callable]:
+def pixel_layout(model: Any) -> tuple[Callable, Callable, Callable]:
     """(images -> the model's pixel layout, the model on that layout, back to images).
 
-    A model with a patch-token entry (JiT.denoise_patches) is trained on its patches: the objective is
-    elementwise with a mean over all pixels, so their order only changes the summation order, and the step
-    then holds no image-shaped tensor but the batch and the noise (on TPU those cost 4-8 times their bytes
-    in padding; docs/tpu.md). LossTerms are images either way: a program that reads only the loss drops
-    the conversions back.
+    A model with a patch-token entry (JiT.denoise_patches) is trained and sampled on its patches: the
+    objective and the ODE update are elementwise (the loss's mean over pixels only changes its summation
+    order), and a program then holds no image-shaped tensor but its inputs and outputs (on TPU those cost
+    4-8 times their bytes in padding; docs/tpu.md). LossTerms and samples are images either way: a
+    program that reads only the loss drops the conversions back.
     """
     if hasattr(model, 'denoise_patches'):
         return model.to_patches, model.denoise_patches, model.from_patches

@@ -132,20 +132,23 @@ def guidance_weight(t: jax.Array, spec: SamplerSpec) -> jax.Array:
     return jnp.where(active, np.float32(spec.cfg_scale), np.float32(1.0))
 
 
-def _velocity(model: Any, z: jax.Array, t: jax.Array, labels: jax.Array, spec: SamplerSpec) -> jax.Array:
+def _velocity(net: Any, z: jax.Array, t: jax.Array, labels: jax.Array, spec: SamplerSpec) -> jax.Array:
     """Network output at (z, t, labels) as a velocity; t is a scalar shared by the batch."""
     t_batch = jnp.full((z.shape[0],), t, jnp.float32)  # f32[b]
-    out = model(z, t_batch, labels)
+    out = net(z, t_batch, labels)
     return diffusion.convert_output(out, z, t, pred=spec.pred, space='v', t_eps=spec.t_eps)
 
 
 def guided_velocity(model: Any, z: jax.Array, labels: jax.Array, t: jax.Array, spec: SamplerSpec, *,
-                    skip_uncond: bool = True) -> jax.Array:
+                    skip_uncond: bool = True, net: Any = None) -> jax.Array:
     """V(z, t) = v_u + w(t) (v_c - v_u) for z f32[b, h, w, c], labels i32[b] and a scalar t.
 
     Both passes run as one batch-2B call (interleaved rows, see the module docstring). With
-    ``skip_uncond`` a ``lax.cond`` runs only the conditional batch-B call where w(t) == 1.
+    ``skip_uncond`` a ``lax.cond`` runs only the conditional batch-B call where w(t) == 1. ``net``
+    (default: the model) is the network to call, with z in its layout (see diffusion.pixel_layout);
+    ``model`` gives the null label ``model.num_classes``.
     """
+    net = model if net is None else net
     z = jnp.asarray(z, jnp.float32)
     t = jnp.asarray(t, jnp.float32)
     w = guidance_weight(t, spec)  # f32[]
@@ -155,14 +158,14 @@ def guided_velocity(model: Any, z: jax.Array, labels: jax.Array, t: jax.Array, s
         null = jnp.full_like(labels, model.num_classes)
         z2 = jnp.stack([z, z], axis=1).reshape((2 * b,) + z.shape[1:])  # f32[2b, h, w, c]
         y2 = jnp.stack([labels, null], axis=1).reshape(2 * b)  # i32[2b]: label, null, label, null ...
-        v2 = _velocity(model, z2, t, y2, spec).reshape((b, 2) + z.shape[1:])
+        v2 = _velocity(net, z2, t, y2, spec).reshape((b, 2) + z.shape[1:])
         v_cond, v_uncond = v2[:, 0], v2[:, 1]
         # Where w == 1 return v_cond itself, the value the skip_uncond path returns (v_u + 1 * (v_c - v_u)
         # would add a rounding); the two paths then differ only by the network's batch-size rounding.
         return jnp.where(w == 1.0, v_cond, v_uncond + w * (v_cond - v_uncond))
 
     def cond_only() -> jax.Array:
-        return _velocity(model, z, t, labels, spec)
+        return _velocity(net, z, t, labels, spec)
 
     if not skip_uncond:
         return both()  # the official behaviour: always both passes
@@ -212,19 +215,22 @@ def _integrate(model: Any, z: jax.Array, labels: jax.Array, t: jax.Array, dt: ja
 
     Heun, as the official code: z_e = z + dt v0; z' = z + dt * 0.5 (v0 + v1), with v1 taken at (z_e, t_next).
     With ``record``, also returns every evaluation's input and output state (f32[E, b, h, w, c] each).
+    The states are carried in the model's own pixel layout (patch tokens for JiT), as in training.
     """
+    to_net, net, from_net = diffusion.pixel_layout(model)
 
     def body(carry, xs):
         z_cur, z_base, v_prev = carry  # z_base: the step's start point; v_prev: the predictor's velocity
         t_i, dt_i, correct_i = xs
-        v = guided_velocity(model, z_cur, labels, t_i, spec, skip_uncond=skip_uncond)
+        v = guided_velocity(model, z_cur, labels, t_i, spec, skip_uncond=skip_uncond, net=net)
         z_new = jnp.where(correct_i, z_base + dt_i * (0.5 * (v_prev + v)), z_cur + dt_i * v)
         z_base = jnp.where(correct_i, z_base, z_cur)
         return (z_new, z_base, v), ((z_cur, z_new) if record else None)
 
+    z = to_net(z)
     init = (z, z, jnp.zeros_like(z))
     (z, _, _), states = jax.lax.scan(body, init, (t, dt, correct))
-    return z, states
+    return from_net(z), (jax.tree.map(jax.vmap(from_net), states) if record else None)
 
 
 @nnx.jit(static_argnames=('spec', 'heun', 'skip_uncond'))
