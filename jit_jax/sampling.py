@@ -156,7 +156,7 @@ def guided_velocity(model: Any, z: jax.Array, labels: jax.Array, t: jax.Array, s
     def both() -> jax.Array:
         b = z.shape[0]
         null = jnp.full_like(labels, model.num_classes)
-        z2 = jnp.stack([z, z], axis=1).reshape((2 * b,) + z.shape[1:])  # f32[2b, h, w, c]
+        z2 = jnp.stack([z, z], axis=1).reshape((2 * b,) + z.shape[1:])  # f32[2b, ...] in the layout of z
         y2 = jnp.stack([labels, null], axis=1).reshape(2 * b)  # i32[2b]: label, null, label, null ...
         v2 = _velocity(net, z2, t, y2, spec).reshape((b, 2) + z.shape[1:])
         v_cond, v_uncond = v2[:, 0], v2[:, 1]
