@@ -92,8 +92,9 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
     """One optimizer step on the global batch.
 
     param_shardings (the parameters' layout) pins the gradients to it as soon as they exist, so under FSDP
-    each device keeps only its shard of every gradient. XLA:TPU still moves the sums as full-size
-    all-reduces rather than reduce-scatters (docs/tpu.md, H/16 and G/16 on v5p-128).
+    each device keeps only its shard of every gradient. For fsdp groups of 8 chips or more XLA:TPU still moves
+    the sums as full-size all-reduces rather than reduce-scatters, as it does an explicit psum_scatter
+    (docs/tpu.md, H/16 and G/16 on v5p-128).
 
     t, noise and label drops are drawn for the whole batch before it is split into grad_accum_steps
     micro-batches, so accumulation changes memory use, not the update (up to summation order).
