@@ -36,14 +36,14 @@ PAPER_RUNS = (
     ('configs/jit_l32_in512.py', 'v5p-64'), ('configs/jit_h32_in512.py', 'v5p-128'),
     ('configs/jit_g32_in512.py', 'v5p-128'), ('configs/jit_b64_in1024.py', 'v5p-32'),
 )
-# Numerics variants: config overrides on top of the run's own settings.
-VARIANTS = (
-    ('as configured', ''), ('custom VJP off', 'model.custom_vjp=off'),
-    ('custom VJPs, own attention', 'model.custom_vjp=on,model.attention_impl=own'),
-    ('remat dots', 'model.remat=dots'),
-    ('remat block', 'model.remat=block'), ('scan over blocks', 'model.scan_blocks=True'),
-    ('attention: xla', 'model.attention_impl=xla'), ('bf16 params', 'model.param_dtype=bfloat16'),
-)
+# Numerics variants: config overrides on top of the run's own settings, by the key `--variants` names them.
+VARIANTS = {
+    'configured': ('as configured', ''), 'autodiff': ('custom VJP off', 'model.custom_vjp=off'),
+    'custom': ('custom VJPs, own attention', 'model.custom_vjp=on,model.attention_impl=own'),
+    'dots': ('remat dots', 'model.remat=dots'), 'block': ('remat block', 'model.remat=block'),
+    'scan': ('scan over blocks', 'model.scan_blocks=True'), 'xla': ('attention: xla', 'model.attention_impl=xla'),
+    'bf16': ('bf16 params', 'model.param_dtype=bfloat16'),
+}
 MAX_BATCH_RUNS = {
     'b16': ('configs/jit_b16_in256.py', 'v5p-32'), 'l16': ('configs/jit_l16_in256.py', 'v4-64'),
     'h16': ('configs/jit_h16_in256.py', 'v5p-128'), 'g16': ('configs/jit_g16_in256.py', 'v5p-128'),
@@ -130,14 +130,17 @@ def paper_table(cache: Cache) -> str:
     return '\n'.join(rows)
 
 
-def variants_table(cache: Cache, spec: str, topology: str) -> str:
+def variants_table(cache: Cache, spec: str, topology: str, keys=None) -> str:
+    """One row per variant (`keys` of VARIANTS, default all, then any other cached overrides of the run:
+    e.g. compiles under other defaults); a large preset is minutes per compile, so pick the ones to compare."""
     rows = [f'{os.path.basename(spec)} on {topology}:', '',
             '| variant | compiled as | peak GiB | temp GiB | TFLOP/chip | bytes accessed GiB | XLA step ms | model GiB |',
             '|' + '---|' * 8]
-    listed = {overrides for _, overrides in VARIANTS}
-    others = sorted({k.split(' | ')[1] for k in cache.entries if k.startswith(f'{spec} | ')
-                     and k.endswith(f' | {topology} | train')} - listed)  # e.g. compiles under other defaults
-    for name, overrides in list(VARIANTS) + [(f'`{o}`', o) for o in others]:
+    chosen = [VARIANTS[k] for k in (keys or VARIANTS)]
+    cached = {k.split(' | ')[1] for k in cache.entries if k.startswith(f'{spec} | ') and k.endswith(f' | {topology} | train')}
+    others = [] if keys else sorted(o for o in cached - {overrides for _, overrides in VARIANTS.values()}
+                                    if not o.startswith('batch='))  # max-batch probes have their own table
+    for name, overrides in chosen + [(f'`{o}`', o) for o in others]:
         rep = cache.get(spec, overrides, topology)
         if rep is None:
             rows.append(f'| {name} | | not compiled |' + ' |' * 5)
@@ -222,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--topology', default='v5p-32', help='variants: the slice')
     parser.add_argument('--cached-only', action='store_true',
                         help='paper / variants: tabulate what the cache holds, compile nothing')
+    parser.add_argument('--variants', default='', help=f'variants: a comma-separated subset of {list(VARIANTS)}')
     parser.add_argument('--models', default=','.join(MAX_BATCH_RUNS), help=f'max-batch: of {sorted(MAX_BATCH_RUNS)}')
     args = parser.parse_args(argv)
+    keys = [k for k in args.variants.split(',') if k]
+    if sorted(set(keys) - set(VARIANTS)):
+        parser.error(f'--variants {sorted(set(keys) - set(VARIANTS))}: expected names from {list(VARIANTS)}')
     cache = Cache(args.cache, cached_only=args.cached_only)
     if args.table == 'paper':
         print(paper_table(cache))
     elif args.table == 'variants':
-        print(variants_table(cache, args.config, args.topology))
+        print(variants_table(cache, args.config, args.topology, keys))
     else:
         names = [n for n in args.models.split(',') if n]
         unknown = sorted(set(names) - set(MAX_BATCH_RUNS))

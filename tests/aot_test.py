@@ -184,3 +184,18 @@ def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per_image, b
     if truth:
         assert rep['programs']['train']['memory']['peak'] / 2**30 == pytest.approx(fake.peak(truth))
     assert len(fake.compiled) <= 2 * math.log2(max(abs(truth - 8), 2)) + 4, sorted(fake.compiled)
+
+
+def test_variants_table_lists_the_chosen_variants_and_rejects_unknown_names(tmp_path, capsys):
+    from jit_jax import aot_tables  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / 'empty.json'
+    path.write_text('{}')
+    cache = aot_tables.Cache(str(path), cached_only=True)  # nothing cached: every row 'not compiled'
+    rows = aot_tables.variants_table(cache, 'configs/jit_h16_in256.py', 'v5p-128', ['configured', 'dots']).splitlines()
+    assert [r.split(' | ')[0] for r in rows if 'not compiled' in r] == ['| as configured', '| remat dots']
+    all_rows = aot_tables.variants_table(cache, 'configs/jit_h16_in256.py', 'v5p-128')
+    assert all_rows.count('not compiled') == len(aot_tables.VARIANTS)
+    with pytest.raises(SystemExit):
+        aot_tables.main(['variants', '--cached-only', '--cache', str(path), '--variants', 'dots,remat'])
+    assert "--variants ['remat']" in capsys.readouterr().err
