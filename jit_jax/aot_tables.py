@@ -1,6 +1,7 @@
 """Tables from TPU compiles (jit_jax.aot): paper runs vs the memory model, variants, largest batch per chip.
 
     python -m jit_jax.aot_tables paper      [--cache C.json]   # every paper config on its slice
+    python -m jit_jax.aot_tables paper --gpu                   # the 256 px presets on H100 / H200 (memory only)
     python -m jit_jax.aot_tables variants   --config configs/jit_b16_in256.py --topology v5p-32
     python -m jit_jax.aot_tables max-batch  [--models b16,l16,h16,g16]
     python -m jit_jax.aot_tables paper --cached-only                 # the table from the cache alone
@@ -8,7 +9,7 @@
 Every compile's report is cached in a JSON file (default docs/tpu_compiles.json) under its config spec,
 overrides and topology, so a table is rebuilt from the cache and only new entries are compiled (each is
 minutes of CPU for the large presets). The memory model (jit_jax.memory.train_memory, platform='tpu') is
-printed next to each compiled peak. The largest batch is searched with compiles, not with the model:
+printed next to each compiled peak (platform='gpu' for H100 / H200 targets). The largest batch is searched with compiles, not with the model:
 the peak is affine in the batch to within XLA's packing, so two compiles give the line, and the search then
 compiles the predicted largest batch and the next one up, stepping until the boundary is confirmed.
 """
@@ -35,6 +36,11 @@ PAPER_RUNS = (
     ('configs/jit_l16_in256.py', 'v5p-64'), ('configs/jit_b32_in512.py', 'v5p-32'),
     ('configs/jit_l32_in512.py', 'v5p-64'), ('configs/jit_h32_in512.py', 'v5p-128'),
     ('configs/jit_g32_in512.py', 'v5p-128'), ('configs/jit_b64_in1024.py', 'v5p-32'),
+)
+# The 256 px presets on GPUs (`paper --gpu`, needs the 'gpu-aot' extra): XLA:GPU reports memory, not time.
+GPU_PAPER_RUNS = (
+    ('configs/jit_b16_in256.py', 'h100-8'), ('configs/jit_l16_in256.py', 'h200-8'),
+    ('configs/jit_h16_in256.py', 'h200-32'), ('configs/jit_g16_in256.py', 'h200-32'),
 )
 # Numerics variants: config overrides on top of the run's own settings, by the key `--variants` names them.
 VARIANTS = {
@@ -66,7 +72,7 @@ class Cache:
         if overrides:
             config_lib.apply_overrides(config, overrides)
         config = config_lib.finalize(config)
-        if key in self.entries and not _same_numerics(self.entries[key], config):
+        if key in self.entries and not _same_numerics(self.entries[key], config, _platform(topology)):
             del self.entries[key]  # compiled under other defaults (BACKEND_DEFAULTS changed): stale
         if key not in self.entries and self.cached_only:
             return None
@@ -81,9 +87,13 @@ class Cache:
 _NUMERICS = ('attention_impl', 'custom_vjp', 'dtype', 'param_dtype', 'remat', 'scan_blocks')
 
 
-def _same_numerics(rep: dict[str, Any], config) -> bool:
-    """Whether a cached report compiled the numerics the config resolves to on TPU now."""
-    cfg = config_lib.model_config(config, platform='tpu')
+def _platform(topology: str) -> str:
+    return aot.parse_topology(topology).chip.platform  # 'tpu' or 'gpu'
+
+
+def _same_numerics(rep: dict[str, Any], config, platform: str) -> bool:
+    """Whether a cached report compiled the numerics the config resolves to on that platform now."""
+    cfg = config_lib.model_config(config, platform=platform)
     return all(rep['model'].get(k) == getattr(cfg, k) for k in _NUMERICS)
 
 
@@ -93,10 +103,11 @@ def predicted(spec: str, overrides: str, rep: dict[str, Any]) -> dict[str, Any]:
     if overrides:
         config_lib.apply_overrides(config, overrides)
     config = config_lib.finalize(config)
-    cfg = config_lib.model_config(config, platform='tpu')
+    platform = _platform(rep['topology'])
+    cfg = config_lib.model_config(config, platform=platform)
     est = memory.train_memory(cfg, rep['global_batch'], data=rep['mesh']['data'], fsdp=rep['mesh']['fsdp'],
                               param_sharding=rep['param_sharding'], num_ema=len(config.optim.ema_decays),
-                              platform='tpu')
+                              platform=platform)
     return est.as_dict()
 
 
@@ -110,10 +121,10 @@ def _needs(rep: dict[str, Any]) -> float:
     return train['memory']['peak'] / GIB if train.get('memory') else (train.get('needs_gib') or float('inf'))
 
 
-def paper_table(cache: Cache) -> str:
+def paper_table(cache: Cache, runs=PAPER_RUNS) -> str:
     rows = ['| config | slice | layout | per-chip batch | compiled peak GiB (of HBM) | model GiB | model / compiled '
             '| XLA step ms | img/s/chip | MFU bound |', '|' + '---|' * 10]
-    for spec, topology in PAPER_RUNS:
+    for spec, topology in runs:
         rep = cache.get(spec, '', topology)
         if rep is None:
             rows.append(f'| {os.path.basename(spec)} | {topology} | not compiled |' + ' |' * 7)
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--topology', default='v5p-32', help='variants: the slice')
     parser.add_argument('--cached-only', action='store_true',
                         help='paper / variants: tabulate what the cache holds, compile nothing')
+    parser.add_argument('--gpu', action='store_true', help='paper: the GPU runs (GPU_PAPER_RUNS) instead')
     parser.add_argument('--variants', default='', help=f'variants: a comma-separated subset of {list(VARIANTS)}')
     parser.add_argument('--models', default=','.join(MAX_BATCH_RUNS), help=f'max-batch: of {sorted(MAX_BATCH_RUNS)}')
     args = parser.parse_args(argv)
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f'--variants {sorted(set(keys) - set(VARIANTS))}: expected names from {list(VARIANTS)}')
     cache = Cache(args.cache, cached_only=args.cached_only)
     if args.table == 'paper':
-        print(paper_table(cache))
+        print(paper_table(cache, GPU_PAPER_RUNS if args.gpu else PAPER_RUNS))
     elif args.table == 'variants':
         print(variants_table(cache, args.config, args.topology, keys))
     else:

@@ -29,6 +29,10 @@ On TPU (platform='tpu') XLA:TPU stores arrays in (8, 128) tiles and lays the att
 token axis minor: q, k, v, the probabilities and their gradients pad the tokens to a multiple of 128
 (288 tokens, i.e. 256 patches + 32 class tokens, take 384 lanes), which the model counts (`_lanes`).
 
+On GPU (platform='gpu') XLA:GPU, like XLA:TPU, fuses and recomputes the elementwise chains plain autodiff
+would keep, but it keeps the attention probabilities twice: float32, and cast to the compute dtype for the
+probs @ v matmul (the model is within 6% of deviceless XLA:GPU compiles of B/16 to G/16, docs/tpu.md).
+
 peak = state + max(activations + transient + early gradients, gradients + optimizer temporaries).
 
 What it leaves out: XLA's scratch for fusions and collectives' buffers (a few MiB), the runtime's own
@@ -157,9 +161,13 @@ def block_residuals(cfg: model_lib.JiTConfig, tokens: int, platform: str = 'cpu'
         terms['proj_drop keep-masks (proj output, MLP hidden)'] = n * (d + f)
     if dropout and cfg.attn_drop > 0:
         terms['attn_drop keep-mask (probs)'] = h * lanes * n
-    if not cfg.custom_vjp and platform != 'tpu':
-        # XLA:TPU fuses these elementwise chains into their consumers and recomputes them in the backward:
-        # B/16's compiled peak is the same with and without the hand-written VJPs (docs/tpu.md).
+    if platform == 'gpu' and s < f32:
+        # XLA:GPU (deviceless compiles of B/16 and L/16 for H100 / H200, docs/tpu.md) also keeps the probabilities
+        # cast to the compute dtype, the operand of the probs @ v matmul; XLA:TPU fuses that cast.
+        terms['attention probs, compute-dtype copy (GPU)'] = h * lanes * n * s
+    if not cfg.custom_vjp and platform == 'cpu':
+        # XLA:TPU and XLA:GPU fuse these elementwise chains into their consumers and recompute them in the
+        # backward: B/16's TPU peak is the same with and without the hand-written VJPs (docs/tpu.md).
         terms['autodiff extras: RMSNorm products (f32)'] = 2 * n * (2 * d + 2 * d) * f32
         terms['autodiff extras: SiLU and its sigmoid'] = 3 * n * f * s
         terms['autodiff extras: exp(logits) (f32)'] = h * lanes * n * f32

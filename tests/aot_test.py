@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jit_jax import aot, aot_analysis, config_lib, sharding
+from jit_jax import aot, aot_analysis, aot_tables, config_lib, sharding
 
 TINY = ('hidden=256,depth=2,heads=4,model.mlp_ratio=1.5,bottleneck=32,ctx_len=4,ctx_start=1,img_size=32,patch=4,'
         'sampling_steps=3')
@@ -138,8 +138,6 @@ def test_collectives_parse_async_and_fused_forms():
 
 
 def test_cached_reports_compiled_under_other_defaults_are_not_reused(tmp_path):
-    from jit_jax import aot_tables  # pylint: disable=import-outside-toplevel
-
     spec = f'configs/default.py:{TINY}'
     cfg = config_lib.model_config(config_lib.load(spec), platform='tpu')
     numerics = {k: getattr(cfg, k) for k in aot_tables._NUMERICS}  # pylint: disable=protected-access
@@ -175,8 +173,6 @@ class _AffineCompiler:
 @pytest.mark.parametrize('fixed, per_image, bend_at', [(3.0, 0.19, None), (3.0, 0.19, 100), (90.0, 2.0, None),
                                                          (96.0, 1.0, None), (1.0, 0.001, 40)])
 def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per_image, bend_at):
-    from jit_jax import aot_tables  # pylint: disable=import-outside-toplevel
-
     fake = _AffineCompiler(fixed, per_image, bend_at=bend_at)
     best, rep = aot_tables.max_batch(fake, 'configs/jit_b16_in256.py', 'v5p-32')
     truth = max([b for b in range(1, 100_000) if fake.peak(b) <= fake.hbm] or [0])
@@ -187,8 +183,6 @@ def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per_image, b
 
 
 def test_variants_table_lists_the_chosen_variants_and_rejects_unknown_names(tmp_path, capsys):
-    from jit_jax import aot_tables  # pylint: disable=import-outside-toplevel
-
     path = tmp_path / 'empty.json'
     path.write_text('{}')
     cache = aot_tables.Cache(str(path), cached_only=True)  # nothing cached: every row 'not compiled'
@@ -199,3 +193,14 @@ def test_variants_table_lists_the_chosen_variants_and_rejects_unknown_names(tmp_
     with pytest.raises(SystemExit):
         aot_tables.main(['variants', '--cached-only', '--cache', str(path), '--variants', 'dots,remat'])
     assert "--variants ['remat']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('spec,topology', aot_tables.PAPER_RUNS + aot_tables.GPU_PAPER_RUNS)
+def test_memory_model_within_10_percent_of_the_recorded_paper_compiles(spec, topology):
+    """The model against what XLA:TPU / XLA:GPU compiled for each paper run (docs/tpu_compiles.json, written by
+    `python -m jit_jax.aot_tables paper [--gpu]`): a change to the model, or to the program that makes a
+    recorded compile stale, shows here."""
+    rep = aot_tables.Cache(aot_tables.DEFAULT_CACHE, cached_only=True).get(spec, '', topology)
+    assert rep is not None, f'{spec} on {topology}: no current compile in docs/tpu_compiles.json'
+    compiled = rep['programs']['train']['memory']['peak']
+    assert 0.9 <= aot_tables.predicted(spec, '', rep)['total'] / compiled <= 1.1
