@@ -1,7 +1,7 @@
 """A memory model of the JiT train step: predicted peak bytes per device, and the largest batch that fits.
 
     python -m jit_jax.memory --model JiT-H/16 --batch 256 --data 1 --fsdp 8 --param-sharding fsdp --remat block
-    python -m jit_jax.memory --table        # largest per-device batch for B/L/H/G on 16/32/80/95 GiB devices
+    python -m jit_jax.memory --table        # largest per-device batch for B/L/H/G on v5e/v4/H100/v5p/H200
 
 Why a model and not just a measurement: the sizes people plan for (H or G at batch 1024 on 8-256
 accelerators) cannot be compiled on the machine doing the planning, and a number per term says what to change
@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jit_jax import aot_analysis
+from jit_jax.config_checks import BACKEND_DEFAULTS
 from jit_jax import model as model_lib
 from jit_jax import sharding
 
@@ -291,17 +292,24 @@ def max_batch(model: str | model_lib.JiTConfig, device_bytes: float, *, data: in
     return lo
 
 
-def batch_table(models=('JiT-B/16', 'JiT-L/16', 'JiT-H/16', 'JiT-G/16'), sizes_gib=(16, 32, 80, 95),
+# The accelerators a paper run is planned for: (name, HBM GiB per device, compiler platform).
+DEVICES = (('v5e', 16, 'tpu'), ('v4', 32, 'tpu'), ('H100', 80, 'gpu'), ('v5p', 95, 'tpu'), ('H200', 141, 'gpu'))
+
+
+def batch_table(models=('JiT-B/16', 'JiT-L/16', 'JiT-H/16', 'JiT-G/16'), devices=DEVICES,
                 fsdp: int = 8, dtype: str = 'bfloat16') -> str:
-    """Markdown table of the largest per-device batch (256 px, bf16 compute, f32 params, 2 EMAs)."""
-    header = ['model', 'params', 'layout', 'remat'] + [f'{g} GiB' for g in sizes_gib]
+    """Markdown table of the largest per-device batch (256 px, bf16 compute, f32 params, 2 EMAs), each device
+    with its platform's terms and numerics (BACKEND_DEFAULTS: autodiff on TPU and GPU)."""
+    header = ['model', 'params', 'layout', 'remat'] + [f'{name} {gib} GiB' for name, gib, _ in devices]
     rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for name in models:
         count = model_lib.param_count(model_lib.preset(name))
         for layout, kwargs in ((f'fsdp x{fsdp}', dict(data=1, fsdp=fsdp, param_sharding='fsdp')),
                                ('replicated', dict(data=fsdp, fsdp=1, param_sharding='replicate'))):
             for remat in ('none', 'block'):
-                cells = [str(max_batch(name, g * GIB, dtype=dtype, remat=remat, **kwargs)) for g in sizes_gib]
+                cells = [str(max_batch(name, gib * GIB, dtype=dtype, remat=remat, platform=platform,
+                                       custom_vjp=BACKEND_DEFAULTS[platform]['custom_vjp'], **kwargs))
+                         for _, gib, platform in devices]
                 rows.append(f'| {name} | {count / 1e6:.0f}M | {layout} | {remat} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--param-sharding', choices=('replicate', 'fsdp'), default='replicate')
     parser.add_argument('--dtype', choices=tuple(_BYTES), default='bfloat16')
     parser.add_argument('--remat', choices=('none', 'block', 'dots'), default='none')
+    parser.add_argument('--platform', choices=tuple(BACKEND_DEFAULTS), default='tpu',
+                        help="whose compiler the terms follow (and its numerics defaults); 'cpu' for XLA:CPU")
     parser.add_argument('--table', action='store_true', help='print the largest-batch table and exit')
     args = parser.parse_args(argv)
     if args.table:
@@ -350,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     batch = args.batch or args.data * args.fsdp
     est = train_memory(args.model, batch, data=args.data, fsdp=args.fsdp, param_sharding=args.param_sharding,
-                       dtype=args.dtype, remat=args.remat)
+                       dtype=args.dtype, remat=args.remat, platform=args.platform,
+                       custom_vjp=BACKEND_DEFAULTS[args.platform]['custom_vjp'])
     for key, value in est.as_dict().items():
         print(f'{key:18s} {value / GIB:10.3f} GiB' if isinstance(value, int) and key != 'per_device_batch'
               else f'{key:18s} {value}')
