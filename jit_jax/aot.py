@@ -40,10 +40,12 @@ import tempfile
 import time
 from typing import Any
 
-# libtpu reads these at import; set before JAX starts, only if the caller has not (silences host probing).
-for _key, _value in (('TPU_ACCELERATOR_TYPE', 'v5litepod-4'), ('TPU_WORKER_ID', '0'),
-                     ('TPU_WORKER_HOSTNAMES', 'localhost'), ('JAX_PLATFORMS', 'cpu'),
-                     ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):  # compile-only: no chip to share
+from jit_jax import LIBTPU_PLACEHOLDERS
+
+# libtpu reads these at import; set before JAX starts, only if the caller has not (silences host probing, on a
+# TPU VM too: this client only compiles).
+for _key, _value in LIBTPU_PLACEHOLDERS + (('JAX_PLATFORMS', 'cpu'),
+                                           ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):  # compile-only: no chip to share
     os.environ.setdefault(_key, _value)
 # XLA:GPU without a GPU: autotuning (and Triton GEMM tiling, which relies on it) would need the device; without
 # these the compile fails ('Couldn't find output tile sizes'). XLA:TPU and XLA:CPU ignore them.

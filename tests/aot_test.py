@@ -3,6 +3,9 @@ builds them. libtpu (the 'tpu' extra, part of the 'test' extra) holds the compil
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -204,3 +207,20 @@ def test_memory_model_within_10_percent_of_the_recorded_paper_compiles(spec, top
     assert rep is not None, f'{spec} on {topology}: no current compile in docs/tpu_compiles.json'
     compiled = rep['programs']['train']['memory']['peak']
     assert 0.9 <= aot_tables.predicted(spec, '', rep)['total'] / compiled <= 1.1
+
+
+def test_importing_jit_jax_keeps_libtpu_quiet_on_a_host_without_a_tpu():
+    """With libtpu installed, a CPU host's first device query makes libtpu log errors about TPU variables it
+    cannot find; importing jit_jax first sets placeholders (jit_jax/__init__.py) and the log stays clean."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith('TPU_') and k not in ('JAX_PLATFORMS', 'ALLOW_MULTIPLE_LIBTPU_LOAD')}
+
+    def run(imports):
+        out = subprocess.run([sys.executable, '-c', f'import {imports}; print(jax.default_backend())'], env=env,
+                             capture_output=True, text=True, timeout=120, check=True)
+        return out.stdout.strip(), out.stderr
+
+    backend, noisy = run('jax')
+    assert backend == 'cpu' and 'TPU_WORKER_HOSTNAMES' in noisy, 'libtpu logs about its variables without them'
+    backend, quiet = run('jit_jax, jax')
+    assert backend == 'cpu' and 'TPU_' not in quiet, quiet

@@ -8,8 +8,9 @@ import pathlib
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # Tests run on CPU; libtpu (the 'test' extra) is there only for ahead-of-time TPU compiles (tests/aot_test.py).
 # These keep JAX off the TPU plugin and libtpu from probing for a TPU host.
-for _key, _value in (('JAX_PLATFORMS', 'cpu'), ('TPU_ACCELERATOR_TYPE', 'v5litepod-4'), ('TPU_WORKER_ID', '0'),
-                     ('TPU_WORKER_HOSTNAMES', 'localhost'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
+from jit_jax import LIBTPU_PLACEHOLDERS  # noqa: E402
+
+for _key, _value in LIBTPU_PLACEHOLDERS + (('JAX_PLATFORMS', 'cpu'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
     os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402
