@@ -59,7 +59,9 @@ def test_remat(remat):
         return jnp.tanh(x @ state['w'] + c) * state['b']
 
     state = {'w': _rand(8, 8), 'b': _rand(8, seed=1)}
-    _check_vjp(lambda s, x, c: CUSTOM.remat(fn, remat)(s, x, c), fn, state, _rand(3, 8, seed=2), _rand(8, seed=3))
+    for ops in (CUSTOM, PLAIN):
+        _check_vjp(lambda s, x, c, ops=ops: ops.remat(fn, remat)(s, x, c), fn, state, _rand(3, 8, seed=2),
+                   _rand(8, seed=3))
     assert CUSTOM.remat(fn, 'none') is fn and PLAIN.remat(fn, 'none') is fn
 
 
