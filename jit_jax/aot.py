@@ -293,7 +293,8 @@ def report(config, topology: Topology, *, programs=('train', 'sampler'), sample_
            'param_sharding': config.mesh.param_sharding, 'global_batch': batch, 'per_chip_batch': batch / devices,
            'model': {'preset': config.model.preset, 'params': model_lib.param_count(cfg),
                      'dtype': cfg.dtype, 'param_dtype': cfg.param_dtype, 'attention_impl': cfg.attention_impl,
-                     'custom_vjp': cfg.custom_vjp, 'remat': cfg.remat, 'scan_blocks': cfg.scan_blocks},
+                     'custom_vjp': cfg.custom_vjp, 'remat': cfg.remat, 'remat_late': cfg.remat_late,
+                     'scan_blocks': cfg.scan_blocks},
            'programs': {}}
     if 'train' in programs:
         say(f'compiling the train step for {topology.name} (batch {batch}) ...')

@@ -94,7 +94,8 @@ def _platform(topology: str) -> str:
 def _same_numerics(rep: dict[str, Any], config, platform: str) -> bool:
     """Whether a cached report compiled the numerics the config resolves to on that platform now."""
     cfg = config_lib.model_config(config, platform=platform)
-    return all(rep['model'].get(k) == getattr(cfg, k) for k in _NUMERICS)
+    late = cfg.remat == 'none' or rep['model'].get('remat_late') == cfg.remat_late  # moot without remat
+    return late and all(rep['model'].get(k) == getattr(cfg, k) for k in _NUMERICS)
 
 
 def predicted(spec: str, overrides: str, rep: dict[str, Any]) -> dict[str, Any]:

@@ -71,11 +71,14 @@ def resolve_mesh(mesh: Mapping[str, int], num_devices: int | None = None) -> dic
 # measured step time and memory on XLA:CPU (docs/performance.md), compiled memory and bytes for TPU slices
 # (jit_jax.aot, docs/tpu.md). GPU keeps plain autodiff and JAX's attention choice until measured there.
 BACKEND_DEFAULTS = {
-    'cpu': dict(attention_impl='own', custom_vjp=True),
+    'cpu': dict(attention_impl='own', custom_vjp=True, remat_late=True),
     # tpu: from XLA:TPU's compiles of B/16 on v5p-32 (docs/tpu.md): autodiff with JAX's attention has the same
     # peak as the hand-written VJPs, 11% fewer bytes accessed and an 11% shorter modelled step.
-    'tpu': dict(attention_impl=None, custom_vjp=False),
-    'gpu': dict(attention_impl=None, custom_vjp=False),  # None: jax.nn.dot_product_attention picks (cuDNN)
+    # remat_late: off on TPU, whose scheduler keeps plain jax.checkpoint's recomputation in the backward (tied,
+    # B/16 on v5p-32 modelled 4-6% slower at the same peak); XLA:GPU hoists it (B/16 'block' per H100: 19.9 GiB
+    # untied, 7.0 tied).
+    'tpu': dict(attention_impl=None, custom_vjp=False, remat_late=False),
+    'gpu': dict(attention_impl=None, custom_vjp=False, remat_late=True),  # None: dot_product_attention picks
 }
 
 
@@ -119,7 +122,8 @@ def model_config(config: config_dict.ConfigDict, platform: str | None = None) ->
 
 
 def _numerics(m: config_dict.ConfigDict, platform: str | None) -> dict[str, Any]:
-    """attention_impl and custom_vjp of config.model, with '' / 'auto' resolved for the platform."""
+    """attention_impl and custom_vjp of config.model, with '' / 'auto' resolved for the platform, and how remat
+    is tied (remat_late: not a config field, the platform's choice)."""
     if platform is None:
         import jax  # pylint: disable=import-outside-toplevel  (deferred like the model import)
 
@@ -129,7 +133,7 @@ def _numerics(m: config_dict.ConfigDict, platform: str | None) -> dict[str, Any]
     attention = m.attention_impl or defaults['attention_impl']
     if not m.attention_impl and attention == 'own' and not custom_vjp:
         attention = None  # the default 'own' needs the hand-written backward; plain autodiff takes JAX's
-    return dict(attention_impl=attention, custom_vjp=custom_vjp)
+    return dict(attention_impl=attention, custom_vjp=custom_vjp, remat_late=defaults['remat_late'])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Every kernel computes the same forward as plain JAX; the `custom_vjp=True` set only changes what is saved for
 the backward pass and how the backward is written, so gradients equal autodiff's up to float rounding. They
 exist for XLA:CPU, where they were measured to help (fewer saved activations, weight-gradient matmuls in the
-orientation CPU matmul kernels are fast at, recomputation that waits for the backward pass); elsewhere the
-default follows what was measured per backend (`jit_jax.config_lib.BACKEND_DEFAULTS`).
+orientation CPU matmul kernels are fast at); elsewhere the default follows what was measured per backend
+(`jit_jax.config_lib.BACKEND_DEFAULTS`). `remat` serves both sets: its recomputation waits for the backward
+pass where the backend's scheduler would hoist it (XLA:CPU and XLA:GPU), plain jax.checkpoint on TPU.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class Ops:
     rms_norm: Callable  # (x, weight, out_dtype) -> w * x / rms(x), statistics in float32
     swiglu_gate: Callable  # (gate, value) -> silu(gate) * value
     attention: Callable  # (q, k, v, impl) -> softmax(q k^T / sqrt(hd)) v, q, k, v: [b, n, heads, hd]
-    remat: Callable  # (fn, remat name) -> fn(state, x, c) rematerialised per the policy ('none': fn itself)
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,8 +46,8 @@ def ops(custom_vjp: bool) -> Ops:
     if not isinstance(custom_vjp, bool):
         raise TypeError(f'kernels.ops(custom_vjp={custom_vjp!r}): expected a bool (resolve "auto" first)')
     if custom_vjp:
-        return Ops(_dense_dot_general, _rms_norm, _swiglu_gate, _custom_attention, _remat_late_or_none)
-    return Ops(jax.lax.dot_general, rms_norm_plain, swiglu_gate_plain, _plain_attention, _remat_late_or_none)
+        return Ops(_dense_dot_general, _rms_norm, _swiglu_gate, _custom_attention)
+    return Ops(jax.lax.dot_general, rms_norm_plain, swiglu_gate_plain, _plain_attention)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,8 +78,12 @@ def _custom_attention(q, k, v, impl):
     return _plain_attention(q, k, v, impl)
 
 
-def _remat_late_or_none(fn, remat: str):
-    return fn if remat == 'none' else _remat_late(fn, REMAT_POLICIES[remat])
+def remat(fn, policy: str, late: bool):
+    """fn(state, x, c) rematerialised per the policy ('none': fn itself); `late` ties the recomputation to the
+    backward (`_remat_late`), else plain jax.checkpoint (JiTConfig.remat_late, per platform)."""
+    if policy == 'none':
+        return fn
+    return _remat_late(fn, REMAT_POLICIES[policy]) if late else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,7 +230,8 @@ def _remat_late(fn, policy):
     'block' lowered the peak by 3%). XLA:GPU's schedulers do the same (B/16 at 128 per H100, deviceless
     compile: 26.3 GiB without remat, 19.9 with jax.checkpoint's 'block', 7.1 GiB with this). Here the saved
     residuals are read as r + min(|dy[0]|, 0) -- r itself (NaN only if dy already is) but not computable
-    before dy -- so the recomputation has to wait. Both kernel sets use it.
+    before dy -- so the recomputation has to wait. XLA:TPU needs no tie (and its programs were modelled 4-6%
+    slower with it).
     fn(state, x, c) -> y; the parameters in `state` are passed through untouched.
     """
 

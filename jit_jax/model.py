@@ -365,7 +365,7 @@ class JiT(nnx.Module):
             def block(state, x, c):
                 block = nnx.merge(graphdef, gathered(state, cfg.dtype))  # inside remat: re-gathered, not kept
                 return block(x, c, cos, sin, attn_drop=attn_drop, proj_drop=proj_drop, key=key)
-            return kernels.ops(cfg.custom_vjp).remat(block, cfg.remat)(state, x, c)
+            return kernels.remat(block, cfg.remat, cfg.remat_late)(state, x, c)
 
         if not cfg.scan_blocks:
             for i in range(lo, hi):

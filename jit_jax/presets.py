@@ -47,6 +47,9 @@ class JiTConfig:
     attention_impl: str | None = None
     scan_blocks: bool = False  # stack blocks and lax.scan over them: compile time independent of depth
     remat: str = 'none'  # 'none' | 'block' (recompute everything) | 'dots' (keep matmul outputs)
+    # remat's recomputation tied to the backward (jit_jax.kernels.remat): XLA:CPU and XLA:GPU would otherwise
+    # hoist it into the forward pass; XLA:TPU keeps it late by itself. Resolved per platform (BACKEND_DEFAULTS).
+    remat_late: bool = True
     # Hand-written backward passes (`jit_jax.kernels`): same forward, gradients equal autodiff's up to rounding,
     # fewer activations saved on XLA:CPU. False = plain JAX autodiff. The config's 'auto' resolves per platform
     # in `jit_jax.config_lib` (BACKEND_DEFAULTS).

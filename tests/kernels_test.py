@@ -59,10 +59,10 @@ def test_remat(remat):
         return jnp.tanh(x @ state['w'] + c) * state['b']
 
     state = {'w': _rand(8, 8), 'b': _rand(8, seed=1)}
-    for ops in (CUSTOM, PLAIN):
-        _check_vjp(lambda s, x, c, ops=ops: ops.remat(fn, remat)(s, x, c), fn, state, _rand(3, 8, seed=2),
-                   _rand(8, seed=3))
-    assert CUSTOM.remat(fn, 'none') is fn and PLAIN.remat(fn, 'none') is fn
+    for late in (True, False):
+        _check_vjp(lambda s, x, c, late=late: kernels.remat(fn, remat, late)(s, x, c), fn, state,
+                   _rand(3, 8, seed=2), _rand(8, seed=3))
+    assert kernels.remat(fn, 'none', True) is fn and kernels.remat(fn, 'none', False) is fn
 
 
 def _tiny(custom_vjp, **overrides):
