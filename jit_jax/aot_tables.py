@@ -9,8 +9,8 @@
 Every compile's report is cached in a JSON file (default docs/tpu_compiles.json) under its config spec,
 overrides and topology, so a table is rebuilt from the cache and only new entries are compiled (each is
 minutes of CPU for the large presets). The memory model (jit_jax.memory.train_memory, platform='tpu') is
-printed next to each compiled peak (platform='gpu' for H100 / H200 targets). The largest batch is searched with compiles, not with the model:
-the peak is affine in the batch to within XLA's packing, so two compiles give the line, and the search then
+printed next to each compiled peak (platform='gpu' for H100 / H200 targets). The largest batch is searched
+with compiles, not with the model: the peak is affine in the batch to within XLA's packing, so two compiles give the line, and the search then
 compiles the predicted largest batch and the next one up, stepping until the boundary is confirmed.
 """
 
@@ -149,7 +149,8 @@ def variants_table(cache: Cache, spec: str, topology: str, keys=None) -> str:
             '| variant | compiled as | peak GiB | temp GiB | TFLOP/chip | bytes accessed GiB | XLA step ms | model GiB |',
             '|' + '---|' * 8]
     chosen = [VARIANTS[k] for k in (keys or VARIANTS)]
-    cached = {k.split(' | ')[1] for k in cache.entries if k.startswith(f'{spec} | ') and k.endswith(f' | {topology} | train')}
+    cached = {k.split(' | ')[1] for k in cache.entries
+              if k.startswith(f'{spec} | ') and k.endswith(f' | {topology} | train')}
     others = [] if keys else sorted(o for o in cached - {overrides for _, overrides in VARIANTS.values()}
                                     if not o.startswith('batch='))  # max-batch probes have their own table
     for name, overrides in chosen + [(f'`{o}`', o) for o in others]:
